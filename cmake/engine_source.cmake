@@ -1,0 +1,111 @@
+# Locate the llama.cpp engine source tree.
+#
+# The engine is the llama.cpp tree vendored in the llama-cpp-python source distribution,
+# pinned by version and sha256. It is downloaded once with pip, checked, and the parts we
+# build (plus the reference converter used by the test suite) are extracted into a user
+# cache directory that later builds reuse. GLM4V_LLAMA_CPP_DIR (CMake variable or
+# environment variable) points the build at a user's own llama.cpp checkout instead.
+#
+# Output: GLM4V_ENGINE_DIR, GLM4V_ENGINE_ORIGIN.
+
+set(GLM4V_ENGINE_PACKAGE "llama-cpp-python")
+set(GLM4V_ENGINE_PACKAGE_VERSION "0.3.36")
+set(GLM4V_ENGINE_SHA256 "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+set(GLM4V_ENGINE_COMMIT "0c1e57098bba43ac29e6e3b677cdceebdd22334f")
+
+if(NOT GLM4V_LLAMA_CPP_DIR AND DEFINED ENV{GLM4V_LLAMA_CPP_DIR})
+  set(GLM4V_LLAMA_CPP_DIR "$ENV{GLM4V_LLAMA_CPP_DIR}")
+endif()
+
+if(GLM4V_LLAMA_CPP_DIR)
+  get_filename_component(GLM4V_ENGINE_DIR "${GLM4V_LLAMA_CPP_DIR}" ABSOLUTE)
+  if(NOT EXISTS "${GLM4V_ENGINE_DIR}/tools/mtmd/mtmd.h")
+    message(FATAL_ERROR
+      "GLM4V_LLAMA_CPP_DIR=${GLM4V_ENGINE_DIR} is not a llama.cpp source tree "
+      "(tools/mtmd/mtmd.h is missing). Unset it to use the pinned engine source.")
+  endif()
+  set(GLM4V_ENGINE_ORIGIN "user checkout")
+  return()
+endif()
+
+# The cache directory: GLM4V_CACHE_DIR, else XDG_CACHE_HOME/glm4v-mtmd, else ~/.cache/glm4v-mtmd.
+if(DEFINED ENV{GLM4V_CACHE_DIR})
+  set(_cache "$ENV{GLM4V_CACHE_DIR}")
+elseif(DEFINED ENV{XDG_CACHE_HOME})
+  set(_cache "$ENV{XDG_CACHE_HOME}/glm4v-mtmd")
+elseif(DEFINED ENV{LOCALAPPDATA})
+  set(_cache "$ENV{LOCALAPPDATA}/glm4v-mtmd")
+else()
+  set(_cache "$ENV{HOME}/.cache/glm4v-mtmd")
+endif()
+string(SUBSTRING "${GLM4V_ENGINE_SHA256}" 0 12 _short)
+set(_root "${_cache}/engine-${GLM4V_ENGINE_PACKAGE_VERSION}-${_short}")
+set(GLM4V_ENGINE_DIR "${_root}/llama.cpp")
+set(GLM4V_ENGINE_ORIGIN "${GLM4V_ENGINE_PACKAGE}==${GLM4V_ENGINE_PACKAGE_VERSION}")
+
+if(EXISTS "${_root}/.complete")
+  message(STATUS "glm4v-mtmd: using cached engine source ${GLM4V_ENGINE_DIR}")
+  return()
+endif()
+
+set(_sdist_name "llama_cpp_python-${GLM4V_ENGINE_PACKAGE_VERSION}.tar.gz")
+set(_download_dir "${_cache}/downloads")
+set(_sdist "${_download_dir}/${_sdist_name}")
+
+if(EXISTS "${_sdist}")
+  file(SHA256 "${_sdist}" _have)
+  if(NOT _have STREQUAL GLM4V_ENGINE_SHA256)
+    file(REMOVE "${_sdist}")
+  endif()
+endif()
+
+if(NOT EXISTS "${_sdist}")
+  message(STATUS "glm4v-mtmd: downloading engine source ${GLM4V_ENGINE_ORIGIN} (once; cached in ${_cache})")
+  file(MAKE_DIRECTORY "${_download_dir}")
+  # --no-build-isolation: pip prepares the sdist's metadata with the scikit-build-core
+  # already present in this build environment instead of fetching another copy.
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -m pip download --no-deps --no-binary :all:
+            --no-build-isolation --disable-pip-version-check
+            -d "${_download_dir}" "${GLM4V_ENGINE_PACKAGE}==${GLM4V_ENGINE_PACKAGE_VERSION}"
+    RESULT_VARIABLE _rc
+    OUTPUT_VARIABLE _out
+    ERROR_VARIABLE _err)
+  if(NOT _rc EQUAL 0 OR NOT EXISTS "${_sdist}")
+    message(FATAL_ERROR
+      "glm4v-mtmd: could not download the engine source ${GLM4V_ENGINE_ORIGIN} with pip.\n"
+      "${_out}\n${_err}\n"
+      "Fix: make the package index reachable, or download ${_sdist_name} yourself into "
+      "${_download_dir}, or set GLM4V_LLAMA_CPP_DIR to a llama.cpp checkout at commit "
+      "${GLM4V_ENGINE_COMMIT}.")
+  endif()
+endif()
+
+file(SHA256 "${_sdist}" _have)
+if(NOT _have STREQUAL GLM4V_ENGINE_SHA256)
+  file(REMOVE "${_sdist}")
+  message(FATAL_ERROR
+    "glm4v-mtmd: ${_sdist_name} has sha256 ${_have}, expected ${GLM4V_ENGINE_SHA256}. "
+    "The corrupt download was removed; build again to retry.")
+endif()
+
+# Extract only what the build and the reference converter need, into a temporary
+# directory first so an interrupted extraction never looks complete.
+set(_prefix "llama_cpp_python-${GLM4V_ENGINE_PACKAGE_VERSION}/vendor/llama.cpp")
+set(_tmp "${_root}.tmp")
+file(REMOVE_RECURSE "${_tmp}" "${_root}")
+file(ARCHIVE_EXTRACT INPUT "${_sdist}" DESTINATION "${_tmp}"
+  PATTERNS
+    "${_prefix}/CMakeLists.txt" "${_prefix}/LICENSE" "${_prefix}/cmake" "${_prefix}/ggml"
+    "${_prefix}/src" "${_prefix}/include" "${_prefix}/tools/mtmd" "${_prefix}/vendor"
+    "${_prefix}/licenses" "${_prefix}/common" "${_prefix}/tools/CMakeLists.txt"
+    "${_prefix}/gguf-py" "${_prefix}/conversion" "${_prefix}/convert_hf_to_gguf.py"
+    "${_prefix}/requirements")
+if(NOT EXISTS "${_tmp}/${_prefix}/tools/mtmd/mtmd.h")
+  message(FATAL_ERROR "glm4v-mtmd: ${_sdist_name} does not contain ${_prefix}/tools/mtmd")
+endif()
+file(MAKE_DIRECTORY "${_root}")
+file(RENAME "${_tmp}/${_prefix}" "${GLM4V_ENGINE_DIR}")
+file(REMOVE_RECURSE "${_tmp}")
+file(WRITE "${_root}/.complete" "${GLM4V_ENGINE_SHA256}\n")
+message(STATUS "glm4v-mtmd: engine source extracted to ${GLM4V_ENGINE_DIR}")

@@ -1,0 +1,174 @@
+/* glm4v-mtmd C API: declarations only.
+ *
+ * This file is both part of the C header (included by glm4v.h) and the cffi cdef
+ * (read by build_ffi.py), so it must stay plain C declarations: no preprocessor
+ * directives, no macros, no includes. The build compiles the cffi module in API mode
+ * against glm4v.h, so any drift between the two is a compile error.
+ *
+ * Conventions: every function that can fail returns a glm4v_status; on failure the
+ * message is available from glm4v_last_error(session) or, for calls without a
+ * session (or a failed load), glm4v_last_global_error() (thread-local).
+ */
+
+typedef enum glm4v_status {
+    GLM4V_OK = 0,
+    GLM4V_ERR_INVALID_ARGUMENT = 1,
+    GLM4V_ERR_LOAD = 2,
+    GLM4V_ERR_IMAGE = 3,
+    GLM4V_ERR_CONTEXT_FULL = 4,
+    GLM4V_ERR_DECODE = 5,
+    GLM4V_ERR_CANCELLED = 6,
+    GLM4V_ERR_BUFFER_TOO_SMALL = 7,
+    GLM4V_ERR_INTERNAL = 8
+} glm4v_status;
+
+typedef enum glm4v_finish {
+    GLM4V_FINISH_NONE = 0,     /* still generating */
+    GLM4V_FINISH_STOP = 1,     /* a stop token was sampled */
+    GLM4V_FINISH_LENGTH = 2,   /* max_tokens reached */
+    GLM4V_FINISH_CONTEXT = 3,  /* the context (n_ctx) is full */
+    GLM4V_FINISH_CANCELLED = 4 /* glm4v_cancel() was called */
+} glm4v_finish;
+
+typedef struct glm4v_session glm4v_session;
+typedef struct glm4v_image glm4v_image;
+
+/* Log callback: level is ggml's (1 debug, 2 info, 3 warn, 4 error, 5 continuation). */
+typedef void (*glm4v_log_fn)(int level, const char *text, void *user_data);
+
+typedef struct glm4v_load_params {
+    int32_t n_ctx;            /* text context in tokens (KV cells) */
+    int32_t n_batch;          /* logical batch size for prompt evaluation */
+    int32_t n_ubatch;         /* physical batch size */
+    int32_t n_threads;        /* threads for decoding one token */
+    int32_t n_threads_batch;  /* threads for prompt and image work */
+    int32_t n_gpu_layers;     /* layers offloaded to the GPU; -1 = all */
+    int32_t flash_attn;       /* -1 auto, 0 off, 1 on */
+    int32_t type_k;           /* ggml_type of the K cache (0 f32, 1 f16, 8 q8_0, 30 bf16 ...) */
+    int32_t type_v;           /* ggml_type of the V cache */
+    int32_t use_mmap;         /* 0/1 */
+    int32_t mmproj_use_gpu;   /* 0/1 */
+    int32_t image_min_tokens; /* engine-side limits; <= 0 keeps the engine default */
+    int32_t image_max_tokens;
+    int32_t warmup;           /* 0/1: run the engine's warm-up passes */
+} glm4v_load_params;
+
+typedef struct glm4v_model_info {
+    int32_t n_vocab;
+    int32_t n_embd;           /* text embedding width */
+    int32_t n_ctx;            /* context actually allocated */
+    int32_t n_ctx_train;
+    int32_t n_layer;
+    int32_t mmproj_n_embd;    /* projector output width */
+    int32_t use_mrope;        /* 1 when the text model uses M-RoPE positions */
+    int32_t image_token;      /* <|image|> id, -1 when the vocab has none */
+    int32_t begin_image_token;
+    int32_t end_image_token;
+    int64_t n_params;
+    uint64_t model_size;      /* bytes of text-model weights */
+} glm4v_model_info;
+
+typedef struct glm4v_sampling {
+    float temperature;        /* <= 0: greedy */
+    int32_t top_k;            /* <= 0: off */
+    float top_p;              /* >= 1: off */
+    float min_p;              /* <= 0: off */
+    float repeat_penalty;     /* 1: off */
+    int32_t repeat_last_n;    /* window of the repetition penalty; -1 = whole context */
+    float presence_penalty;
+    float frequency_penalty;
+    uint32_t seed;
+} glm4v_sampling;
+
+/* One prompt piece: text tokens, or the embedding of one image (its begin/end tokens are
+ * text parts). An image part has embd = rows*cols rows of n_embd floats, row-major over
+ * the merged grid; tokens must then be NULL. */
+typedef struct glm4v_part {
+    const int32_t *tokens;
+    int32_t n_tokens;
+    const float *embd;
+    int32_t rows;
+    int32_t cols;
+    int32_t n_embd;
+} glm4v_part;
+
+typedef struct glm4v_timings {
+    double t_load_ms;
+    double t_encode_ms;       /* last image encode */
+    double t_eval_ms;         /* last glm4v_eval */
+    double t_sample_ms;       /* sampling during the current/last generation */
+    double t_decode_ms;       /* decoding during the current/last generation */
+    int32_t n_eval;           /* KV cells filled by the last glm4v_eval */
+    int32_t n_decode;         /* tokens decoded in the current/last generation */
+} glm4v_timings;
+
+/* ---- library ---- */
+const char *glm4v_engine_version(void);
+const char *glm4v_system_info(void);
+const char *glm4v_last_global_error(void);
+void glm4v_set_log_callback(glm4v_log_fn fn, void *user_data);
+glm4v_load_params glm4v_load_params_default(void);
+glm4v_sampling glm4v_sampling_default(void);
+/* Quantize a GGUF text model with the engine's quantizer; ftype is a name like "q4_k_m". */
+glm4v_status glm4v_quantize(const char *src_path, const char *dst_path, const char *ftype, int32_t n_threads);
+
+/* ---- session (text model + projector + context) ---- */
+glm4v_status glm4v_session_load(const char *model_path, const char *mmproj_path,
+                                const glm4v_load_params *params, glm4v_session **out);
+void glm4v_session_free(glm4v_session *s);
+const char *glm4v_last_error(const glm4v_session *s);
+glm4v_status glm4v_session_info(const glm4v_session *s, glm4v_model_info *out);
+/* Metadata string of the text model; *n_out is the full length (without NUL). */
+glm4v_status glm4v_meta_str(const glm4v_session *s, const char *key, char *buf, int32_t cap, int32_t *n_out);
+glm4v_status glm4v_get_timings(const glm4v_session *s, glm4v_timings *out);
+/* Ask a running eval/encode/generation to stop at its next safe point (thread-safe). */
+void glm4v_cancel(glm4v_session *s);
+
+/* ---- vocabulary ---- */
+/* On GLM4V_ERR_BUFFER_TOO_SMALL, *n_out holds the required size. */
+glm4v_status glm4v_tokenize(glm4v_session *s, const char *text, int32_t len, int32_t parse_special,
+                            int32_t *out, int32_t cap, int32_t *n_out);
+glm4v_status glm4v_detokenize(glm4v_session *s, const int32_t *tokens, int32_t n, int32_t render_special,
+                              char *buf, int32_t cap, int32_t *n_out);
+glm4v_status glm4v_token_piece(glm4v_session *s, int32_t token, int32_t render_special,
+                               char *buf, int32_t cap, int32_t *n_out);
+int32_t glm4v_token_is_eog(const glm4v_session *s, int32_t token);
+/* Token id of a special piece such as "<|image|>", or -1. */
+int32_t glm4v_token_id(glm4v_session *s, const char *piece);
+
+/* ---- images ---- */
+/* rgb: height*width*3 bytes, row-major. Sides should already be multiples of
+ * 2*patch_size (the Python preprocessing does this), so the engine does not resize. */
+glm4v_status glm4v_encode_image(glm4v_session *s, const uint8_t *rgb, int32_t width, int32_t height,
+                                glm4v_image **out);
+void glm4v_image_free(glm4v_image *img);
+int32_t glm4v_image_n_tokens(const glm4v_image *img);
+int32_t glm4v_image_n_embd(const glm4v_image *img);
+int32_t glm4v_image_rows(const glm4v_image *img);
+int32_t glm4v_image_cols(const glm4v_image *img);
+const float *glm4v_image_data(const glm4v_image *img);
+
+/* ---- KV cache and prompt evaluation ---- */
+/* Cells in the KV cache and the next free position. */
+int32_t glm4v_n_cells(const glm4v_session *s);
+int32_t glm4v_next_pos(const glm4v_session *s);
+/* Keep the first n_cells cells; n_cells must not split an image. */
+glm4v_status glm4v_kv_truncate(glm4v_session *s, int32_t n_cells);
+/* Append parts to the KV cache. positions_out (may be NULL) receives [n, 3] (t, h, w)
+ * for every cell filled, n = sum of part lengths; logits of the last cell are kept. */
+glm4v_status glm4v_eval(glm4v_session *s, const glm4v_part *parts, int32_t n_parts,
+                        int32_t *positions_out, int32_t positions_cap);
+/* Copy the logits of the last evaluated cell (n_vocab floats). */
+glm4v_status glm4v_get_logits(glm4v_session *s, float *out, int32_t cap);
+
+/* ---- generation: the sample -> decode loop runs in C ---- */
+glm4v_status glm4v_gen_begin(glm4v_session *s, const glm4v_sampling *sampling,
+                             const int32_t *stop_tokens, int32_t n_stop, int32_t max_tokens);
+/* Generate up to max_steps tokens. Complete UTF-8 text goes to text_out (render special
+ * pieces), sampled ids to tokens_out. *finish says why it stopped (GLM4V_FINISH_NONE:
+ * more may follow). A sampled stop token is reported in *stop_token (else -1) and is
+ * neither emitted nor decoded. */
+glm4v_status glm4v_gen_step(glm4v_session *s, int32_t max_steps,
+                            char *text_out, int32_t text_cap, int32_t *text_len,
+                            int32_t *tokens_out, int32_t tokens_cap, int32_t *n_tokens,
+                            int32_t *finish, int32_t *stop_token);

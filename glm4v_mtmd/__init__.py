@@ -1,0 +1,43 @@
+"""glm4v-mtmd: run GLM-4.xV vision-language models locally through llama.cpp's mtmd engine."""
+
+from ._native import engine_info
+from .errors import (
+    ContextOverflowError,
+    ConversionError,
+    EngineError,
+    GenerationError,
+    Glm4vError,
+    ImageError,
+    ModelLoadError,
+    SessionClosedError,
+)
+from .session import Session
+from .types import (
+    Evaluation,
+    GenerationConfig,
+    GenerationResult,
+    ImageEmbedding,
+    StreamChunk,
+    Timings,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContextOverflowError",
+    "ConversionError",
+    "EngineError",
+    "Evaluation",
+    "GenerationConfig",
+    "GenerationError",
+    "GenerationResult",
+    "Glm4vError",
+    "ImageEmbedding",
+    "ImageError",
+    "ModelLoadError",
+    "Session",
+    "SessionClosedError",
+    "StreamChunk",
+    "Timings",
+    "engine_info",
+]

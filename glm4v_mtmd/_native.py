@@ -1,0 +1,131 @@
+"""The compiled binding: status checking, logging and engine facts.
+
+Only this module touches ``_glm4v_cffi`` directly for library-level calls; the handle
+owners (:mod:`glm4v_mtmd.session`) use :func:`check` so every failure becomes a typed
+exception carrying the C API's own message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, NoReturn
+
+from .errors import (
+    ContextOverflowError,
+    EngineError,
+    GenerationError,
+    Glm4vError,
+    ImageError,
+    ModelLoadError,
+)
+
+try:
+    from ._glm4v_cffi import ffi, lib
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "glm4v_mtmd's native module is missing: install the package with `pip install .` "
+        "so the engine is compiled"
+    ) from exc
+
+logger = logging.getLogger("glm4v_mtmd")
+
+# Status codes of csrc/glm4v_api.h mapped to exception types.
+_STATUS_ERRORS: dict[int, type[Glm4vError]] = {
+    lib.GLM4V_ERR_INVALID_ARGUMENT: EngineError,
+    lib.GLM4V_ERR_LOAD: ModelLoadError,
+    lib.GLM4V_ERR_IMAGE: ImageError,
+    lib.GLM4V_ERR_CONTEXT_FULL: ContextOverflowError,
+    lib.GLM4V_ERR_DECODE: GenerationError,
+    lib.GLM4V_ERR_CANCELLED: GenerationError,
+    lib.GLM4V_ERR_BUFFER_TOO_SMALL: EngineError,
+    lib.GLM4V_ERR_INTERNAL: EngineError,
+}
+
+
+def last_error(handle: Any = None) -> str:
+    """The C API's message for the last failure on ``handle`` (or of this thread)."""
+    ptr = lib.glm4v_last_error(handle) if handle is not None else lib.glm4v_last_global_error()
+    return ffi.string(ptr).decode("utf-8", "replace") if ptr != ffi.NULL else ""
+
+
+def raise_status(status: int, handle: Any = None, context: str = "") -> NoReturn:
+    """Raise the exception type of ``status`` with the C API's message."""
+    msg = last_error(handle) or f"status {status}"
+    if context:
+        msg = f"{context}: {msg}"
+    raise _STATUS_ERRORS.get(status, EngineError)(msg)
+
+
+def check(status: int, handle: Any = None, context: str = "") -> None:
+    """Raise a typed exception unless ``status`` is GLM4V_OK."""
+    if status != lib.GLM4V_OK:
+        raise_status(status, handle, context)
+
+
+# ---------------------------------------------------------------------------------------
+# logging: engine log lines arrive through a C callback and go to logging.getLogger.
+# ---------------------------------------------------------------------------------------
+
+# ggml levels -> logging levels. The engine's INFO output is verbose (every tensor at load),
+# so it is logged at DEBUG; its DEBUG output one step lower still.
+_LEVELS = {1: 5, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_line_state = threading.local()
+
+
+@ffi.def_extern()
+def glm4v_py_log(level: int, text: Any, user_data: Any) -> None:
+    # Exceptions must never unwind into C: swallow everything.
+    try:
+        chunk = ffi.string(text).decode("utf-8", "replace")
+        if level == 5:  # continuation of the previous line
+            level = getattr(_line_state, "level", 2)
+        _line_state.level = level
+        buf = getattr(_line_state, "buf", "") + chunk
+        *lines, rest = buf.split("\n")
+        _line_state.buf = rest
+        py_level = _LEVELS.get(level, logging.DEBUG)
+        if lines and logger.isEnabledFor(py_level):
+            for line in lines:
+                if line.strip():
+                    logger.log(py_level, "%s", line)
+    except BaseException:  # noqa: BLE001 - see comment above
+        pass
+
+
+lib.glm4v_set_log_callback(lib.glm4v_py_log, ffi.NULL)
+
+
+# ---------------------------------------------------------------------------------------
+# engine facts
+# ---------------------------------------------------------------------------------------
+
+
+def engine_info() -> dict[str, Any]:
+    """Version and build facts of the compiled engine.
+
+    Returns a dict with ``engine_package`` (the pinned source distribution), ``engine_commit``
+    (llama.cpp commit), ``engine_origin``, ``backends`` (compiled ggml backends),
+    ``source_dir`` (the engine source tree used by the build) and ``system_info``
+    (the engine's CPU feature report).
+    """
+    from . import _build_info
+
+    return {
+        "engine_package": _build_info.ENGINE_PACKAGE,
+        "engine_commit": ffi.string(lib.glm4v_engine_version()).decode(),
+        "engine_origin": _build_info.ENGINE_ORIGIN,
+        "backends": list(_build_info.BACKENDS),
+        "build_type": _build_info.BUILD_TYPE,
+        "source_dir": _build_info.ENGINE_SOURCE_DIR,
+        "system_info": ffi.string(lib.glm4v_system_info()).decode("utf-8", "replace").strip(),
+    }
+
+
+def quantize_model(src: str, dst: str, ftype: str, n_threads: int = 0) -> None:
+    """Quantize a text-model GGUF with the engine's quantizer (``llama_model_quantize``)."""
+    from .errors import ConversionError
+
+    status = lib.glm4v_quantize(src.encode(), dst.encode(), ftype.lower().encode(), int(n_threads))
+    if status != lib.GLM4V_OK:
+        raise ConversionError(last_error() or f"quantizing {src} to {ftype} failed")

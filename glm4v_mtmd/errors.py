@@ -1,0 +1,50 @@
+"""Exception hierarchy of glm4v-mtmd.
+
+Every failure that reaches Python is a :class:`Glm4vError`; subclasses say which
+part of the pipeline failed so callers can catch what they can handle.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Glm4vError",
+    "ModelLoadError",
+    "ImageError",
+    "ContextOverflowError",
+    "SessionClosedError",
+    "GenerationError",
+    "ConversionError",
+    "EngineError",
+]
+
+
+class Glm4vError(Exception):
+    """Base class of every error raised by glm4v-mtmd."""
+
+
+class ModelLoadError(Glm4vError):
+    """A model or projector file is missing, corrupt or of the wrong kind."""
+
+
+class ImageError(Glm4vError, ValueError):
+    """An image could not be read or violates a preprocessing rule."""
+
+
+class ContextOverflowError(Glm4vError):
+    """A prompt (plus the requested generation) does not fit in ``n_ctx``."""
+
+
+class SessionClosedError(Glm4vError):
+    """A method was called on a :class:`~glm4v_mtmd.Session` after ``close()``."""
+
+
+class GenerationError(Glm4vError):
+    """Prompt evaluation or decoding failed inside the engine."""
+
+
+class ConversionError(Glm4vError):
+    """A Hugging Face checkpoint could not be converted to GGUF."""
+
+
+class EngineError(Glm4vError):
+    """The native engine reported an unexpected failure."""

@@ -1,0 +1,567 @@
+"""`Session`: one loaded GLM-4.xV model pair and its KV cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import _native
+from ._gguf_probe import read_metadata
+from ._native import check, ffi, lib
+from .errors import ContextOverflowError, GenerationError, ModelLoadError, SessionClosedError
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageInput, prepare_image
+from .types import (
+    Evaluation,
+    FinishReason,
+    GenerationConfig,
+    GenerationResult,
+    ImageEmbedding,
+    StreamChunk,
+    Timings,
+)
+
+PromptPart = Union[str, ImageEmbedding, ImageInput]
+
+#: KV-cache types by name (ggml_type values).
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+#: Architectures of GLM-4.xV text models (glm4v -> glm4, glm4v_moe -> glm4moe).
+TEXT_ARCHITECTURES = ("glm4", "glm4moe")
+#: Pieces that end a GLM turn (the checkpoints' generation_config eos ids).
+STOP_PIECES = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+_FINISH = {
+    lib.GLM4V_FINISH_STOP: "stop",
+    lib.GLM4V_FINISH_LENGTH: "length",
+    lib.GLM4V_FINISH_CONTEXT: "length",
+    lib.GLM4V_FINISH_CANCELLED: "length",
+}
+_TEXT_CAP = 1 << 16
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A prompt piece after normalisation: text token ids or one image embedding."""
+
+    tokens: Optional[np.ndarray] = None
+    image: Optional[ImageEmbedding] = None
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+
+
+class Session:
+    """A GLM-4.xV text model plus its vision projector, with one KV cache.
+
+    Args:
+        model_path: text-model GGUF (architecture ``glm4`` or ``glm4moe``).
+        mmproj_path: projector GGUF (``mmproj-*.gguf``); ``None`` for text only.
+        n_ctx: context size in KV cells. An image fills one cell per image token.
+        n_threads: CPU threads (default: the CPUs available to this process).
+        n_gpu_layers: layers to offload to a GPU backend (-1 = all).
+        flash_attn: ``None`` lets the engine decide, ``True``/``False`` force it.
+        kv_cache_type: one of :data:`KV_CACHE_TYPES` (``"f32"`` for exact comparisons).
+        n_batch: tokens per prompt-evaluation batch.
+        use_mmap: memory-map the model file.
+        min_pixels, max_pixels: image size limits of the reference preprocessing
+            (counting both temporal frames, as the checkpoints' preprocessor config does).
+
+    A session is a context manager; :meth:`close` is idempotent. Calls on one session
+    are serialised by a lock, so it may be shared between threads.
+    """
+
+    def __init__(
+        self,
+        model_path: Union[str, os.PathLike],
+        mmproj_path: Union[str, os.PathLike, None] = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        flash_attn: Optional[bool] = None,
+        kv_cache_type: str = "f16",
+        n_batch: int = 2048,
+        use_mmap: bool = True,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self._handle: Any = None
+        self._lock = threading.RLock()
+        _check_positive("n_ctx", n_ctx)
+        _check_positive("n_threads", n_threads, allow_none=True)
+        _check_positive("n_batch", n_batch)
+        _check_positive("min_pixels", min_pixels)
+        _check_positive("max_pixels", max_pixels)
+        if min_pixels > max_pixels:
+            raise ValueError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
+        if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+            raise ValueError(f"n_gpu_layers={n_gpu_layers!r}: must be an integer >= -1 (-1 = all)")
+        if flash_attn not in (None, True, False):
+            raise ValueError(f"flash_attn={flash_attn!r}: must be None, True or False")
+        if kv_cache_type not in KV_CACHE_TYPES:
+            raise ValueError(f"kv_cache_type={kv_cache_type!r}: must be one of {', '.join(KV_CACHE_TYPES)}")
+
+        self.model_path = os.fspath(model_path)
+        self.mmproj_path = os.fspath(mmproj_path) if mmproj_path is not None else None
+        self.architecture = self._check_files()
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+
+        threads = n_threads or _default_threads()
+        params = lib.glm4v_load_params_default()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(512, n_batch)
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.n_gpu_layers = n_gpu_layers
+        params.flash_attn = -1 if flash_attn is None else int(flash_attn)
+        params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache_type]
+        params.use_mmap = int(use_mmap)
+        out = ffi.new("glm4v_session **")
+        mmproj = self.mmproj_path.encode() if self.mmproj_path else ffi.NULL
+        status = lib.glm4v_session_load(self.model_path.encode(), mmproj, params, out)
+        if status != lib.GLM4V_OK:
+            _native.raise_status(status)
+        # One owner: ffi.gc frees the session if close() is never called.
+        self._handle = ffi.gc(out[0], lib.glm4v_session_free)
+
+        info = ffi.new("glm4v_model_info *")
+        check(lib.glm4v_session_info(self._handle, info), self._handle)
+        self.n_vocab: int = info.n_vocab
+        self.n_embd: int = info.n_embd
+        self.n_ctx: int = info.n_ctx
+        self._image_token = info.image_token
+        self._begin_image = info.begin_image_token
+        self._end_image = info.end_image_token
+        self._stop_ids = tuple(t for t in (self._token_id(p) for p in STOP_PIECES) if t >= 0)
+        # What the KV cache holds: a key per cell (token id, or (image digest, index)) and
+        # its positions, so a new prompt can reuse the longest common prefix.
+        self._keys: list[Any] = []
+        self._positions = np.zeros((0, 3), dtype=np.int32)
+        self._generated_pending: list[int] = []  # emitted ids not yet in the KV cache
+
+    # ----------------------------------------------------------------------------- life cycle
+
+    def _check_files(self) -> str:
+        meta = read_metadata(self.model_path, ("general.architecture",))
+        arch = str(meta.get("general.architecture", ""))
+        if arch == "clip":
+            raise ModelLoadError(
+                f"'{self.model_path}' is a projector (mmproj) file; pass it as mmproj_path and the "
+                "text-model GGUF as model_path"
+            )
+        if arch not in TEXT_ARCHITECTURES:
+            raise ModelLoadError(
+                f"'{self.model_path}' is a '{arch or 'unknown'}' model; glm4v-mtmd runs GLM-4.xV text "
+                f"models ({', '.join(TEXT_ARCHITECTURES)})"
+            )
+        if self.mmproj_path is not None:
+            pmeta = read_metadata(self.mmproj_path, ("general.architecture", "clip.projector_type"))
+            if pmeta.get("general.architecture") != "clip":
+                raise ModelLoadError(
+                    f"'{self.mmproj_path}' is not a projector (mmproj) file (architecture "
+                    f"'{pmeta.get('general.architecture', 'unknown')}'); pass the mmproj-*.gguf file"
+                )
+            ptype = pmeta.get("clip.projector_type")
+            if ptype is not None and ptype != "glm4v":
+                raise ModelLoadError(f"'{self.mmproj_path}' is a '{ptype}' projector, not a GLM-4.xV one (glm4v)")
+        return arch
+
+    def close(self) -> None:
+        """Free the native session. Safe to call more than once."""
+        with self._lock:
+            if self._handle is not None:
+                ffi.release(self._handle)
+                self._handle = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._handle is None
+
+    def _h(self) -> Any:
+        if self._handle is None:
+            raise SessionClosedError("the session is closed; create a new Session")
+        return self._handle
+
+    def cancel(self) -> None:
+        """Ask a running evaluation or generation (in another thread) to stop."""
+        h = self._handle
+        if h is not None:
+            lib.glm4v_cancel(h)
+
+    # ----------------------------------------------------------------------------- vocabulary
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of ``text`` (no BOS is added; ``special`` parses pieces like ``<|user|>``)."""
+        data = text.encode("utf-8")
+        with self._lock:
+            h = self._h()
+            n_out = ffi.new("int32_t *")
+            cap = len(data) + 8
+            buf = ffi.new("int32_t[]", cap)
+            status = lib.glm4v_tokenize(h, data, len(data), int(special), buf, cap, n_out)
+            if status == lib.GLM4V_ERR_BUFFER_TOO_SMALL:
+                cap = n_out[0]
+                buf = ffi.new("int32_t[]", cap)
+                status = lib.glm4v_tokenize(h, data, len(data), int(special), buf, cap, n_out)
+            check(status, h, "tokenize")
+            return list(ffi.unpack(buf, n_out[0]))
+
+    def detokenize(self, ids: Sequence[int], *, special: bool = True) -> str:
+        """Text of ``ids``; ``special`` renders special pieces (e.g. ``<|begin_of_box|>``)."""
+        arr = np.ascontiguousarray(ids, dtype=np.int32)
+        with self._lock:
+            h = self._h()
+            n_out = ffi.new("int32_t *")
+            cap = max(64, 8 * len(arr))
+            for _ in range(2):
+                buf = ffi.new("char[]", cap)
+                status = lib.glm4v_detokenize(
+                    h, ffi.from_buffer("int32_t[]", arr), len(arr), int(special), buf, cap, n_out
+                )
+                if status != lib.GLM4V_ERR_BUFFER_TOO_SMALL:
+                    break
+                cap = n_out[0] + 1
+            check(status, h, "detokenize")
+            return ffi.unpack(buf, n_out[0]).decode("utf-8", "replace")
+
+    def _token_id(self, piece: str) -> int:
+        return int(lib.glm4v_token_id(self._h(), piece.encode()))
+
+    # ----------------------------------------------------------------------------- images
+
+    def encode_image(
+        self, image: ImageInput, *, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None
+    ) -> ImageEmbedding:
+        """Preprocess and encode one image with the vision tower and projector.
+
+        Args:
+            image: a path, bytes, file object, PIL image or uint8 ndarray (HxW, HxWx3, HxWx4).
+            min_pixels, max_pixels: override the session's size limits for this image.
+        """
+        prepared = prepare_image(
+            image,
+            min_pixels=min_pixels or self.min_pixels,
+            max_pixels=max_pixels or self.max_pixels,
+        )
+        width, height = prepared.size
+        with self._lock:
+            h = self._h()
+            out = ffi.new("glm4v_image **")
+            check(lib.glm4v_encode_image(h, ffi.from_buffer(prepared.pixels), width, height, out), h, "encode_image")
+            img = ffi.gc(out[0], lib.glm4v_image_free)
+            try:
+                n_tokens = lib.glm4v_image_n_tokens(img)
+                n_embd = lib.glm4v_image_n_embd(img)
+                data = ffi.buffer(lib.glm4v_image_data(img), 4 * n_tokens * n_embd)
+                array = np.frombuffer(data, dtype=np.float32).reshape(n_tokens, n_embd).copy()
+                grid = (int(lib.glm4v_image_rows(img)), int(lib.glm4v_image_cols(img)))
+            finally:
+                ffi.release(img)
+        array.setflags(write=False)
+        digest = hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest()
+        return ImageEmbedding(array, grid, prepared.original_size, prepared.size, digest)
+
+    # ----------------------------------------------------------------------------- prompts
+
+    def _segments(self, parts: Sequence[PromptPart]) -> list[_Segment]:
+        if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
+            raise TypeError("a prompt is a list of strings and images")
+        segments = []
+        for part in parts:
+            if isinstance(part, str):
+                if part:
+                    segments.append(_Segment(tokens=np.asarray(self.tokenize(part, special=True), dtype=np.int32)))
+            elif isinstance(part, ImageEmbedding):
+                if part.array.shape[1] != self.n_embd:
+                    raise ValueError(
+                        f"the image embedding has width {part.array.shape[1]}, this model needs {self.n_embd}"
+                    )
+                segments.append(_Segment(image=part))
+            else:
+                segments.append(_Segment(image=self.encode_image(part)))
+        if any(s.image is not None for s in segments) and min(self._image_token, self._begin_image, self._end_image) < 0:
+            raise GenerationError("this model's vocabulary has no image tokens (<|begin_of_image|>, <|image|>)")
+        return segments
+
+    def _layout(self, segments: list[_Segment]) -> tuple[list[Any], np.ndarray, list[tuple[int, int]]]:
+        """Cell keys, prompt token ids and image cell ranges of a prompt.
+
+        An image becomes ``<|begin_of_image|>``, one ``<|image|>`` per image token and
+        ``<|end_of_image|>``, as the transformers processor expands ``<|image|>``.
+        """
+        keys: list[Any] = []
+        tokens: list[int] = []
+        images: list[tuple[int, int]] = []
+        for seg in segments:
+            if seg.tokens is not None:
+                keys.extend(seg.tokens.tolist())
+                tokens.extend(seg.tokens.tolist())
+            else:
+                assert seg.image is not None
+                keys.append(self._begin_image)
+                start = len(keys)
+                keys.extend((seg.image.digest, i) for i in range(seg.image.n_tokens))
+                images.append((start, len(keys)))
+                keys.append(self._end_image)
+                tokens.extend([self._begin_image] + [self._image_token] * seg.image.n_tokens + [self._end_image])
+        return keys, np.asarray(tokens, dtype=np.int32), images
+
+    def _native_parts(self, segments: list[_Segment], skip: int) -> tuple[Any, int, list[Any]]:
+        """glm4v_part array for the cells after the first ``skip`` ones."""
+        specs: list[tuple[str, Any]] = []
+        cell = 0
+        for seg in segments:
+            if seg.tokens is not None:
+                toks = seg.tokens
+                lo = max(0, skip - cell)
+                if lo < len(toks):
+                    specs.append(("text", toks[lo:]))
+                cell += len(toks)
+            else:
+                assert seg.image is not None
+                n = seg.image.n_tokens
+                begin, body, end = cell, cell + 1, cell + 1 + n
+                if skip <= begin:
+                    specs.append(("text", np.asarray([self._begin_image], dtype=np.int32)))
+                if skip <= body:
+                    specs.append(("image", seg.image))
+                if skip <= end:
+                    specs.append(("text", np.asarray([self._end_image], dtype=np.int32)))
+                cell = end + 1
+        keep: list[Any] = []  # keeps numpy buffers alive during the native call
+        parts = ffi.new("glm4v_part[]", len(specs))
+        total = 0
+        for i, (kind, value) in enumerate(specs):
+            if kind == "text":
+                arr = np.ascontiguousarray(value, dtype=np.int32)
+                keep.append(arr)
+                parts[i].tokens = ffi.from_buffer("int32_t[]", arr)
+                parts[i].n_tokens = len(arr)
+                total += len(arr)
+            else:
+                emb: ImageEmbedding = value
+                arr = np.ascontiguousarray(emb.array, dtype=np.float32)
+                keep.append(arr)
+                parts[i].embd = ffi.from_buffer("float[]", arr)
+                parts[i].rows, parts[i].cols = emb.grid
+                parts[i].n_embd = arr.shape[1]
+                total += emb.n_tokens
+        return parts, total, keep
+
+    def _reusable_prefix(self, keys: list[Any], images: list[tuple[int, int]]) -> int:
+        n = 0
+        limit = min(len(self._keys), len(keys) - 1)  # the last cell is always evaluated (logits)
+        while n < limit and self._keys[n] == keys[n]:
+            n += 1
+        for start, end in images:  # never resume in the middle of an image
+            if start < n < end:
+                n = start
+        return n
+
+    def _evaluate(self, parts: Sequence[PromptPart]) -> tuple[np.ndarray, np.ndarray, int]:
+        segments = self._segments(parts)
+        keys, tokens, images = self._layout(segments)
+        if not keys:
+            raise ValueError("the prompt is empty")
+        if len(keys) > self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt needs {len(keys)} KV cells (images count one cell per image token) but "
+                f"n_ctx is {self.n_ctx}; create the Session with a larger n_ctx or use fewer/smaller images"
+            )
+        h = self._h()
+        reuse = self._reusable_prefix(keys, images)
+        if reuse < lib.glm4v_n_cells(h):
+            check(lib.glm4v_kv_truncate(h, reuse), h, "evaluate")
+        self._keys = self._keys[:reuse]
+        self._positions = self._positions[:reuse]
+        c_parts, n_new, keep = self._native_parts(segments, reuse)
+        positions = np.empty((n_new, 3), dtype=np.int32)
+        status = lib.glm4v_eval(h, c_parts, len(c_parts), ffi.from_buffer("int32_t[]", positions), n_new)
+        del keep
+        check(status, h, "evaluate")
+        self._keys = keys
+        self._positions = np.concatenate([self._positions, positions])
+        return tokens, self._positions.copy(), reuse
+
+    def evaluate(self, parts: Sequence[PromptPart]) -> Evaluation:
+        """Evaluate a prompt and return its tokens, M-RoPE positions and last logits.
+
+        ``parts`` is a list of strings (special pieces are parsed) and images (any image
+        input or an :class:`ImageEmbedding`). The KV cache keeps the longest prefix shared
+        with the previous prompt, so only new cells are computed.
+        """
+        with self._lock:
+            tokens, positions, reused = self._evaluate(parts)
+            logits = np.empty(self.n_vocab, dtype=np.float32)
+            h = self._h()
+            check(lib.glm4v_get_logits(h, ffi.from_buffer("float[]", logits), self.n_vocab), h, "evaluate")
+            return Evaluation(tokens=tokens, positions=positions, logits=logits, reused=reused)
+
+    # ----------------------------------------------------------------------------- generation
+
+    def _begin(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig]) -> int:
+        config = config or GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise TypeError("config must be a GenerationConfig")
+        tokens, _, _ = self._evaluate(parts)
+        h = self._h()
+        sp = lib.glm4v_sampling_default()
+        sp.temperature = config.temperature
+        sp.top_k = config.top_k
+        sp.top_p = config.top_p
+        sp.min_p = config.min_p
+        sp.repeat_penalty = config.repetition_penalty
+        sp.repeat_last_n = config.repeat_last_n
+        sp.presence_penalty = config.presence_penalty
+        sp.frequency_penalty = config.frequency_penalty
+        sp.seed = secrets.randbits(32) if config.seed is None else config.seed
+        stops = np.asarray(self._stop_ids + config.stop_token_ids, dtype=np.int32)
+        check(
+            lib.glm4v_gen_begin(h, sp, ffi.from_buffer("int32_t[]", stops), len(stops), config.max_tokens),
+            h,
+            "generate",
+        )
+        return len(tokens)
+
+    def _step(self, max_steps: int) -> tuple[bytes, list[int], Optional[FinishReason]]:
+        h = self._h()
+        text = ffi.new("char[]", _TEXT_CAP)
+        text_len = ffi.new("int32_t *")
+        toks = ffi.new("int32_t[]", max_steps)
+        n_toks = ffi.new("int32_t *")
+        finish = ffi.new("int32_t *")
+        stop_tok = ffi.new("int32_t *")
+        status = lib.glm4v_gen_step(h, max_steps, text, _TEXT_CAP, text_len, toks, max_steps, n_toks, finish, stop_tok)
+        check(status, h, "generate")
+        ids = list(ffi.unpack(toks, n_toks[0]))
+        # Emitted tokens but the last are in the KV cache now; record them for prefix reuse.
+        n_cells = lib.glm4v_n_cells(h)
+        extra = n_cells - len(self._keys)
+        if extra > 0:
+            self._generated_pending.extend(ids)
+            self._keys.extend(self._generated_pending[:extra])
+            self._generated_pending = self._generated_pending[extra:]
+            self._positions = self._extend_text_positions(extra)
+        else:
+            self._generated_pending.extend(ids)
+        reason = _FINISH.get(finish[0]) if finish[0] != lib.GLM4V_FINISH_NONE else None
+        return ffi.unpack(text, text_len[0]), ids, reason
+
+    def _extend_text_positions(self, n: int) -> np.ndarray:
+        start = int(lib.glm4v_next_pos(self._h())) - n
+        new = np.repeat(np.arange(start, start + n, dtype=np.int32)[:, None], 3, axis=1)
+        return np.concatenate([self._positions, new])
+
+    def _timings(self, prompt_tokens: int) -> Timings:
+        t = ffi.new("glm4v_timings *")
+        check(lib.glm4v_get_timings(self._h(), t), self._h())
+        return Timings(
+            encode_ms=t.t_encode_ms,
+            prompt_ms=t.t_eval_ms,
+            decode_ms=t.t_decode_ms,
+            sample_ms=t.t_sample_ms,
+            prompt_tokens=prompt_tokens,
+            generated_tokens=t.n_decode,
+        )
+
+    def generate(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig] = None) -> GenerationResult:
+        """Evaluate ``parts`` and generate a reply; the sampling loop runs in C."""
+        with self._lock:
+            n_prompt = self._begin(parts, config)
+            self._generated_pending = []
+            chunks: list[bytes] = []
+            ids: list[int] = []
+            reason: Optional[FinishReason] = None
+            while reason is None:
+                text, new_ids, reason = self._step(256)
+                chunks.append(text)
+                ids.extend(new_ids)
+            return GenerationResult(
+                text=b"".join(chunks).decode("utf-8", "replace"),
+                token_ids=tuple(ids),
+                finish_reason=reason,
+                timings=self._timings(n_prompt),
+                prompt_tokens=n_prompt,
+            )
+
+    def stream(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig] = None) -> Iterator[StreamChunk]:
+        """Like :meth:`generate`, yielding :class:`StreamChunk` s as text is produced.
+
+        Chunks hold complete UTF-8 characters only; the last chunk has ``finish_reason``.
+        """
+        with self._lock:
+            self._begin(parts, config)
+            self._generated_pending = []
+        reason: Optional[FinishReason] = None
+        while reason is None:
+            with self._lock:
+                text, ids, reason = self._step(1)
+            if text or ids or reason is not None:
+                yield StreamChunk(text=text.decode("utf-8", "replace"), token_ids=tuple(ids), finish_reason=reason)
+
+    # ----------------------------------------------------------------------------- state
+
+    @property
+    def n_cells(self) -> int:
+        """KV cells in use (prompt, images and generated tokens)."""
+        return int(lib.glm4v_n_cells(self._h()))
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        with self._lock:
+            h = self._h()
+            check(lib.glm4v_kv_truncate(h, 0), h)
+            self._keys = []
+            self._positions = np.zeros((0, 3), dtype=np.int32)
+
+    def metadata(self, key: str) -> Optional[str]:
+        """A metadata value of the text model as a string, or ``None`` if absent."""
+        with self._lock:
+            h = self._h()
+            n = ffi.new("int32_t *")
+            cap = 256
+            for _ in range(2):
+                buf = ffi.new("char[]", cap)
+                status = lib.glm4v_meta_str(h, key.encode(), buf, cap, n)
+                if status != lib.GLM4V_ERR_BUFFER_TOO_SMALL:
+                    break
+                cap = n[0] + 1
+            if status != lib.GLM4V_OK:
+                return None
+            return ffi.string(buf).decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"n_ctx={self.n_ctx}"
+        return f"Session({os.path.basename(self.model_path)!r}, {state})"

@@ -1,0 +1,163 @@
+"""Public result and configuration types (small frozen dataclasses)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling and stopping options of one generation.
+
+    The defaults are the GLM-4.6V / 4.6V-Flash model-card values (top_p 0.6, top_k 2,
+    temperature 0.8, repetition penalty 1.1). ``temperature=0`` means greedy decoding.
+
+    Attributes:
+        max_tokens: most tokens to generate (the stop token is not counted).
+        temperature: softmax temperature; 0 selects the most likely token.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass (1.0 = off).
+        min_p: drop tokens below min_p times the top probability (0 = off).
+        repetition_penalty: penalty on tokens seen in the last ``repeat_last_n`` (1.0 = off).
+        repeat_last_n: window of the repetition penalty (-1 = the whole context).
+        presence_penalty, frequency_penalty: OpenAI-style penalties (0 = off).
+        seed: random seed of the sampler; ``None`` draws one.
+        stop_token_ids: extra token ids that end the generation, added to the model's own
+            stop tokens (``<|endoftext|>``, ``<|user|>``, ``<|observation|>``).
+    """
+
+    max_tokens: int = 512
+    temperature: float = 0.8
+    top_k: int = 2
+    top_p: float = 0.6
+    min_p: float = 0.0
+    repetition_penalty: float = 1.1
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"GenerationConfig.{name}={getattr(self, name)!r}: {rule}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise bad("max_tokens", "must be an integer >= 0")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            raise bad("min_p", "must be in [0, 1)")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0 (1 = off)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0 (0 = off)")
+        if not isinstance(self.repeat_last_n, int) or self.repeat_last_n < -1:
+            raise bad("repeat_last_n", "must be an integer >= -1")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+            raise bad("seed", "must be None or an integer in [0, 2**32)")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """An encoded image: the projector's output, ready to be placed in a prompt.
+
+    Attributes:
+        array: float32 ``[n_tokens, n_embd]``, rows in raster order of the merged grid.
+        grid: ``(rows, cols)`` of the merged grid (after the 2x2 merge).
+        original_size: ``(width, height)`` of the image as given.
+        resized_size: ``(width, height)`` the model saw.
+        digest: content hash of ``array``, used to reuse the KV cache across prompts.
+    """
+
+    array: np.ndarray = field(repr=False)
+    grid: tuple[int, int]
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    digest: str = field(repr=False, default="")
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of image tokens (= KV cells the image fills)."""
+        return int(self.array.shape[0])
+
+    @property
+    def n_positions(self) -> int:
+        """How far the image moves the M-RoPE position: ``max(rows, cols)``."""
+        return max(self.grid)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock timings of one call, in milliseconds (0 where a stage did not run)."""
+
+    encode_ms: float = 0.0
+    prompt_ms: float = 0.0
+    decode_ms: float = 0.0
+    sample_ms: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decoded tokens per second (0 when nothing was decoded)."""
+        return 1000.0 * self.generated_tokens / self.decode_ms if self.decode_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The result of :meth:`Session.evaluate`.
+
+    Attributes:
+        tokens: int32 ``[n]`` prompt ids; an image is ``<|begin_of_image|>``, one
+            ``<|image|>`` id per image token, ``<|end_of_image|>``.
+        positions: int32 ``[n, 3]`` M-RoPE positions (temporal, height, width).
+        logits: float32 ``[n_vocab]`` logits of the last position.
+        reused: number of leading KV cells reused from the previous prompt.
+    """
+
+    tokens: np.ndarray = field(repr=False)
+    positions: np.ndarray = field(repr=False)
+    logits: np.ndarray = field(repr=False)
+    reused: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The result of :meth:`Session.generate`.
+
+    ``text`` renders special pieces (so grounding markers such as ``<|begin_of_box|>`` are
+    kept); the stop token is not part of ``text`` or ``token_ids``.
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = field(repr=False)
+    finish_reason: FinishReason
+    timings: Timings
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """A piece of streamed output: complete UTF-8 text and the ids that produced it.
+
+    ``finish_reason`` is set on the last chunk only.
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: Optional[FinishReason] = None
