@@ -2,6 +2,7 @@
 
 from ._native import engine_info
 from .errors import (
+    ConfigError,
     ContextOverflowError,
     ConversionError,
     EngineError,
@@ -24,6 +25,7 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
     "ContextOverflowError",
     "ConversionError",
     "EngineError",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "Glm4vError",
+    "ConfigError",
     "ModelLoadError",
     "ImageError",
     "ContextOverflowError",
@@ -20,6 +21,10 @@ __all__ = [
 
 class Glm4vError(Exception):
     """Base class of every error raised by glm4v-mtmd."""
+
+
+class ConfigError(Glm4vError, ValueError):
+    """An option has an invalid value (a session argument or a GenerationConfig field)."""
 
 
 class ModelLoadError(Glm4vError):

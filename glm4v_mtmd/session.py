@@ -15,7 +15,7 @@ import numpy as np
 from . import _native
 from ._gguf_probe import read_metadata
 from ._native import check, ffi, lib
-from .errors import ContextOverflowError, GenerationError, ModelLoadError, SessionClosedError
+from .errors import ConfigError, ContextOverflowError, GenerationError, ModelLoadError, SessionClosedError
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageInput, prepare_image
 from .types import (
     Evaluation,
@@ -64,7 +64,7 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r}: must be a positive integer")
+        raise ConfigError(f"{name}={value!r}: must be a positive integer")
 
 
 class Session:
@@ -110,13 +110,13 @@ class Session:
         _check_positive("min_pixels", min_pixels)
         _check_positive("max_pixels", max_pixels)
         if min_pixels > max_pixels:
-            raise ValueError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
+            raise ConfigError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
-            raise ValueError(f"n_gpu_layers={n_gpu_layers!r}: must be an integer >= -1 (-1 = all)")
+            raise ConfigError(f"n_gpu_layers={n_gpu_layers!r}: must be an integer >= -1 (-1 = all)")
         if flash_attn not in (None, True, False):
-            raise ValueError(f"flash_attn={flash_attn!r}: must be None, True or False")
+            raise ConfigError(f"flash_attn={flash_attn!r}: must be None, True or False")
         if kv_cache_type not in KV_CACHE_TYPES:
-            raise ValueError(f"kv_cache_type={kv_cache_type!r}: must be one of {', '.join(KV_CACHE_TYPES)}")
+            raise ConfigError(f"kv_cache_type={kv_cache_type!r}: must be one of {', '.join(KV_CACHE_TYPES)}")
 
         self.model_path = os.fspath(model_path)
         self.mmproj_path = os.fspath(mmproj_path) if mmproj_path is not None else None
@@ -125,7 +125,8 @@ class Session:
         self.max_pixels = max_pixels
 
         threads = n_threads or _default_threads()
-        params = lib.glm4v_load_params_default()
+        params = ffi.new("glm4v_load_params *")
+        params[0] = lib.glm4v_load_params_default()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = min(512, n_batch)
@@ -305,7 +306,7 @@ class Session:
                     segments.append(_Segment(tokens=np.asarray(self.tokenize(part, special=True), dtype=np.int32)))
             elif isinstance(part, ImageEmbedding):
                 if part.array.shape[1] != self.n_embd:
-                    raise ValueError(
+                    raise ConfigError(
                         f"the image embedding has width {part.array.shape[1]}, this model needs {self.n_embd}"
                     )
                 segments.append(_Segment(image=part))
@@ -394,7 +395,7 @@ class Session:
         segments = self._segments(parts)
         keys, tokens, images = self._layout(segments)
         if not keys:
-            raise ValueError("the prompt is empty")
+            raise ConfigError("the prompt is empty: pass at least one non-empty string or image")
         if len(keys) > self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt needs {len(keys)} KV cells (images count one cell per image token) but "
@@ -437,7 +438,8 @@ class Session:
             raise TypeError("config must be a GenerationConfig")
         tokens, _, _ = self._evaluate(parts)
         h = self._h()
-        sp = lib.glm4v_sampling_default()
+        sp = ffi.new("glm4v_sampling *")
+        sp[0] = lib.glm4v_sampling_default()
         sp.temperature = config.temperature
         sp.top_k = config.top_k
         sp.top_p = config.top_p
@@ -447,7 +449,8 @@ class Session:
         sp.presence_penalty = config.presence_penalty
         sp.frequency_penalty = config.frequency_penalty
         sp.seed = secrets.randbits(32) if config.seed is None else config.seed
-        stops = np.asarray(self._stop_ids + config.stop_token_ids, dtype=np.int32)
+        own = () if config.ignore_eos else self._stop_ids
+        stops = np.asarray(own + config.stop_token_ids, dtype=np.int32)
         check(
             lib.glm4v_gen_begin(h, sp, ffi.from_buffer("int32_t[]", stops), len(stops), config.max_tokens),
             h,

@@ -8,6 +8,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from .errors import ConfigError
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -30,6 +32,8 @@ class GenerationConfig:
         seed: random seed of the sampler; ``None`` draws one.
         stop_token_ids: extra token ids that end the generation, added to the model's own
             stop tokens (``<|endoftext|>``, ``<|user|>``, ``<|observation|>``).
+        ignore_eos: do not stop on the model's own stop tokens (benchmarks and tests);
+            ``stop_token_ids`` still apply.
     """
 
     max_tokens: int = 512
@@ -43,10 +47,11 @@ class GenerationConfig:
     frequency_penalty: float = 0.0
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"GenerationConfig.{name}={getattr(self, name)!r}: {rule}")
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(f"GenerationConfig.{name}={getattr(self, name)!r}: {rule}")
 
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise bad("max_tokens", "must be an integer >= 0")

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random GLM4V checkpoints, their GGUF conversions and transformers references.
+
+Everything is built once per test session (and per architecture / seed / output type) under pytest's
+temporary directory, so the suite needs no network and no model downloads.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import tiny_models
+
+ARCHS = tiny_models.MODEL_KINDS
+
+
+def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A reproducible HxWx3 uint8 image with some structure (so features are not plain noise)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(max(1, height // 7), max(1, width // 7), 3), dtype=np.uint8)
+    img = np.kron(base, np.ones((7, 7, 1), dtype=np.uint8))[:height, :width]
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    out[: img.shape[0], : img.shape[1]] = img
+    noise = rng.integers(0, 32, size=out.shape, dtype=np.uint8)
+    return out // 2 + noise
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathlib.Path]:
+    """``hf_checkpoint(arch, seed=0, **overrides)``: a tiny random HF checkpoint directory."""
+
+    @functools.lru_cache(maxsize=None)
+    def build(arch: str, seed: int = 0, **overrides: Any) -> pathlib.Path:
+        name = f"{arch}-s{seed}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+        out = tmp_path_factory.mktemp(name)
+        return tiny_models.make_checkpoint(out, arch=arch, seed=seed, **overrides)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def gguf_pair(
+    hf_checkpoint: Callable[..., pathlib.Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., tuple[pathlib.Path, pathlib.Path]]:
+    """``gguf_pair(arch, seed=0, outtype="f32")``: (text GGUF, mmproj GGUF) from our converter."""
+    from glm4v_mtmd.convert import convert
+
+    @functools.lru_cache(maxsize=None)
+    def build(arch: str, seed: int = 0, outtype: str = "f32") -> tuple[pathlib.Path, pathlib.Path]:
+        out = tmp_path_factory.mktemp(f"gguf-{arch}-s{seed}-{outtype}")
+        return convert(hf_checkpoint(arch, seed), out, outtype=outtype, progress=False)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def reference_model(hf_checkpoint: Callable[..., pathlib.Path]) -> Callable[..., Any]:
+    """``reference_model(arch, seed=0)``: the transformers model (float32, eager) of a tiny checkpoint."""
+    import reference
+
+    @functools.lru_cache(maxsize=None)
+    def load(arch: str, seed: int = 0) -> Any:
+        model, _ = reference.load_reference(hf_checkpoint(arch, seed))
+        return model
+
+    return load
