@@ -33,6 +33,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import run_selfcheck
+
+    return 0 if run_selfcheck() else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm4v-mtmd", description="Run GLM-4.xV vision-language models locally.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the engine's log")
@@ -40,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print the engine version and backends")
     info.set_defaults(func=_cmd_info)
+
+    check = sub.add_parser("selfcheck", help="offline check: a tiny random model through the whole pipeline")
+    check.set_defaults(func=_cmd_selfcheck)
 
     run = sub.add_parser("run", help="answer a prompt about an image with a GGUF model pair")
     run.add_argument("--model", required=True, help="text-model GGUF")

@@ -70,6 +70,9 @@ def check(status: int, handle: Any = None, context: str = "") -> None:
 # ggml levels -> logging levels. The engine's INFO output is verbose (every tensor at load),
 # so it is logged at DEBUG; its DEBUG output one step lower still.
 _LEVELS = {1: 5, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+# Engine warnings that every GLM vocabulary triggers and that need no action: llama.cpp's own
+# converter sets eot = <|user|> (src/llama-vocab.cpp then adds it to the stop set itself).
+_BENIGN_WARNINGS = ("load: special_eot_id is not in special_eog_ids", "load: special_eom_id is not in special_eog_ids")
 _line_state = threading.local()
 
 
@@ -88,7 +91,8 @@ def glm4v_py_log(level: int, text: Any, user_data: Any) -> None:
         if lines and logger.isEnabledFor(py_level):
             for line in lines:
                 if line.strip():
-                    logger.log(py_level, "%s", line)
+                    benign = py_level == logging.WARNING and line.startswith(_BENIGN_WARNINGS)
+                    logger.log(logging.DEBUG if benign else py_level, "%s", line)
     except BaseException:  # noqa: BLE001 - see comment above
         pass
 

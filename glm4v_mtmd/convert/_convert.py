@@ -60,7 +60,8 @@ def _default_quantizer() -> QuantizeFn:
 def _check_outtype(value: str, allowed: tuple[str, ...], what: str) -> str:
     v = str(value).strip().lower()
     if v not in allowed:
-        raise ConversionError(f"unknown {what} {value!r}; valid: {', '.join(allowed)}")
+        known = "unsupported" if v in ALL_OUTTYPES else "unknown"
+        raise ConversionError(f"{known} {what} {value!r}; valid: {', '.join(allowed)}")
     return v
 
 
