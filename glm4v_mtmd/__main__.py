@@ -6,7 +6,8 @@ import argparse
 import logging
 import pathlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

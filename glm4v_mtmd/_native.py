@@ -23,9 +23,19 @@ from .errors import (
 try:
     from ._glm4v_cffi import ffi, lib
 except ImportError as exc:  # pragma: no cover - only without a build
+    import pathlib
+
+    _here = pathlib.Path(__file__).resolve().parent
+    _hint = (
+        f" You are importing the source tree at {_here.parent}, which has no compiled module: run `pytest` "
+        "(not `python -m pytest`, which puts the current directory first on sys.path), run from another "
+        "directory, or use an editable install (`pip install --no-build-isolation -e .`)."
+        if (_here.parent / "pyproject.toml").is_file()
+        else ""
+    )
     raise ImportError(
-        "glm4v_mtmd's native module is missing: install the package with `pip install .` "
-        "so the engine is compiled"
+        "glm4v_mtmd's native module is missing: install the package with `pip install .` so the engine "
+        "is compiled." + _hint
     ) from exc
 
 logger = logging.getLogger("glm4v_mtmd")

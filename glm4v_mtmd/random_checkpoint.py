@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator, Union
+from typing import Union
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class RandomModelShape:
     image_size: int = 56
 
     @classmethod
-    def real_vision(cls, **text: int) -> "RandomModelShape":
+    def real_vision(cls, **text: int) -> RandomModelShape:
         """GLM-4.1V's vision tower (depth 24, hidden 1536, 12 heads, merger 4096->13696)."""
         base = dict(text_hidden=4096, text_layers=2, text_heads=32, text_kv_heads=2, text_ffn=13696,
                     vision_hidden=1536, vision_depth=24, vision_heads=12, merger_ffn=13696, image_size=336)
@@ -165,7 +166,8 @@ def _config(shape: RandomModelShape, vocab: int, dtype: str) -> dict:
 
 def _tensors(shape: RandomModelShape, vocab: int) -> Iterator[tuple[str, tuple[int, ...], str]]:
     """(name, shape, kind) of every tensor; kind is "weight", "norm" (around 1) or "bias"."""
-    H, F, O, V = shape.text_hidden, shape.text_ffn, shape.text_hidden, shape.vision_hidden
+    H, F, V = shape.text_hidden, shape.text_ffn, shape.vision_hidden
+    O = H  # noqa: E741 - the projector output width (vision out_hidden_size) equals the text width
     hd = H // shape.text_heads
     q, kv = shape.text_heads * hd, shape.text_kv_heads * hd
     lm = "model.language_model"
@@ -255,7 +257,8 @@ def write_random_checkpoint(
         "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Glm4vImageProcessor",
     }, indent=1), encoding="utf-8")
-    (out / "random_checkpoint.json").write_text(json.dumps({"seed": seed, "std": std, **asdict(shape)}), encoding="utf-8")
+    recipe = {"seed": seed, "std": std, **asdict(shape)}
+    (out / "random_checkpoint.json").write_text(json.dumps(recipe), encoding="utf-8")
     return out
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pathlib
 import tempfile
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 
@@ -41,9 +42,10 @@ def run_selfcheck(workdir: Optional[str] = None, report: Callable[[str], None] =
             prompt = ["[gMASK]<sop><|user|>\n", emb, "Describe this image.<|assistant|>\n"]
             ev = session.evaluate(prompt)
             n_img = int(np.sum(ev.tokens == session._image_token))
+            positions_ok = _image_positions_ok(ev.positions, ev.tokens, session._image_token, emb.grid)
             checks = {
                 "one <|image|> id per image token": n_img == emb.n_tokens,
-                "image rows/cols positions": _image_positions_ok(ev.positions, ev.tokens, session._image_token, emb.grid),
+                "image rows/cols positions": positions_ok,
                 "finite logits": bool(np.isfinite(ev.logits).all()),
             }
             out = session.generate(prompt, greedy)

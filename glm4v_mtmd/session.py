@@ -193,7 +193,7 @@ class Session:
                 ffi.release(self._handle)
                 self._handle = None
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -312,7 +312,8 @@ class Session:
                 segments.append(_Segment(image=part))
             else:
                 segments.append(_Segment(image=self.encode_image(part)))
-        if any(s.image is not None for s in segments) and min(self._image_token, self._begin_image, self._end_image) < 0:
+        has_image_tokens = min(self._image_token, self._begin_image, self._end_image) >= 0
+        if any(s.image is not None for s in segments) and not has_image_tokens:
             raise GenerationError("this model's vocabulary has no image tokens (<|begin_of_image|>, <|image|>)")
         return segments
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import functools
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
-
 import tiny_models
 
 ARCHS = tiny_models.MODEL_KINDS
@@ -33,7 +33,7 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathlib.Path]:
     """``hf_checkpoint(arch, seed=0, **overrides)``: a tiny random HF checkpoint directory."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def build(arch: str, seed: int = 0, **overrides: Any) -> pathlib.Path:
         name = f"{arch}-s{seed}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
         out = tmp_path_factory.mktemp(name)
@@ -49,7 +49,7 @@ def gguf_pair(
     """``gguf_pair(arch, seed=0, outtype="f32")``: (text GGUF, mmproj GGUF) from our converter."""
     from glm4v_mtmd.convert import convert
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def build(arch: str, seed: int = 0, outtype: str = "f32") -> tuple[pathlib.Path, pathlib.Path]:
         out = tmp_path_factory.mktemp(f"gguf-{arch}-s{seed}-{outtype}")
         return convert(hf_checkpoint(arch, seed), out, outtype=outtype, progress=False)
@@ -62,7 +62,7 @@ def reference_model(hf_checkpoint: Callable[..., pathlib.Path]) -> Callable[...,
     """``reference_model(arch, seed=0)``: the transformers model (float32, eager) of a tiny checkpoint."""
     import reference
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def load(arch: str, seed: int = 0) -> Any:
         model, _ = reference.load_reference(hf_checkpoint(arch, seed))
         return model

@@ -14,7 +14,8 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any, Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
 
 import numpy as np
 

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from gguf import GGUFReader
-
 import reference
 import tiny_models
-from glm4v_mtmd.convert import ENGINE_OUTTYPES, FLOAT_OUTTYPES, convert
-from glm4v_mtmd.convert import _writer
+from gguf import GGUFReader
+
+from glm4v_mtmd.convert import ENGINE_OUTTYPES, FLOAT_OUTTYPES, _writer, convert
 from glm4v_mtmd.convert._source import SourceTensor, index_checkpoint
 from glm4v_mtmd.errors import ConversionError
 
@@ -61,8 +59,14 @@ class _Checkpoints:
         "glm4v_moe": dict(arch="glm4v_moe"),
         # 11 layers: lexicographic shard order (layers.10 before layers.2); many small shards with an index;
         # experts of a layer spread over several shards; 2 leading dense layers; BF16 weights
-        "moe_sharded": dict(arch="glm4v_moe", dtype="bfloat16", num_hidden_layers=11, n_routed_experts=8,
-                            first_k_dense_replace=2, max_shard_size="20KB"),
+        "moe_sharded": dict(
+            arch="glm4v_moe",
+            dtype="bfloat16",
+            num_hidden_layers=11,
+            n_routed_experts=8,
+            first_k_dense_replace=2,
+            max_shard_size="20KB",
+        ),
         # what transformers 5 writes (rope_parameters), F16 weights
         "glm4v_v5_f16": dict(arch="glm4v", dtype="float16", config_style="v5", num_hidden_layers=3),
     }
@@ -85,7 +89,8 @@ class _Checkpoints:
         key = (variant, outtype)
         if key not in self._refs:
             self._refs[key] = reference.run_reference_converter(
-                self.hf(variant), self.root / variant / f"ref-{outtype}", outtype, llama_cpp=self.tree)
+                self.hf(variant), self.root / variant / f"ref-{outtype}", outtype, llama_cpp=self.tree
+            )
         return self._refs[key]
 
 
@@ -104,21 +109,28 @@ def _make_nextn_card_variant(src: Path, dst: Path) -> None:
     n, h = cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["hidden_size"]
     main = load_file(dst / "model.safetensors")
     g = torch.Generator().manual_seed(7)
-    extra = {k.replace(f"layers.{n - 1}.", f"layers.{n}."): torch.randn(v.shape, generator=g).to(v.dtype)
-             for k, v in main.items() if k.startswith(f"model.language_model.layers.{n - 1}.")}
+    extra = {
+        k.replace(f"layers.{n - 1}.", f"layers.{n}."): torch.randn(v.shape, generator=g).to(v.dtype)
+        for k, v in main.items()
+        if k.startswith(f"model.language_model.layers.{n - 1}.")
+    }
     p = f"model.language_model.layers.{n}."
     extra[p + "eh_proj.weight"] = torch.randn(h, 2 * h, generator=g)
     for norm in ("enorm", "hnorm", "shared_head.norm"):
         extra[p + norm + ".weight"] = torch.randn(h, generator=g)
     save_file(extra, dst / "model-mtp.safetensors", metadata={"format": "pt"})
     (dst / "model.safetensors").rename(dst / "model-main.safetensors")
-    weight_map = {**{k: "model-main.safetensors" for k in main}, **{k: "model-mtp.safetensors" for k in extra}}
+    weight_map = {
+        **{k: "model-main.safetensors" for k in main},
+        **{k: "model-mtp.safetensors" for k in extra},
+    }
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg["text_config"]["num_nextn_predict_layers"] = 1
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     (dst / "README.md").write_text(
         "---\nlicense: mit\nlanguage:\n- en\n- zh\nbase_model:\n- zai-org/GLM-4.5-Air-Base\n"
-        "pipeline_tag: image-text-to-text\ntags:\n- glm\n- vision\n---\n# tiny\n")
+        "pipeline_tag: image-text-to-text\ntags:\n- glm\n- vision\n---\n# tiny\n"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,7 +139,9 @@ def _make_nextn_card_variant(src: Path, dst: Path) -> None:
 
 
 def _fields(r: GGUFReader) -> list[tuple[str, list[str], object]]:
-    return [(k, [t.name for t in f.types], f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")]
+    return [
+        (k, [t.name for t in f.types], f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")
+    ]
 
 
 def gguf_differences(mine: Path, ref: Path) -> list[str]:
@@ -176,10 +190,16 @@ def test_parity_with_reference(checkpoints, tmp_path, arch, outtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("variant", "outtype"), [
-    ("moe_sharded", "q8_0"), ("moe_sharded", "bf16"), ("glm4v_v5_f16", "f16"), ("glm4v_v5_f16", "q8_0"),
-    ("moe_nextn_card", "f16"),
-])
+@pytest.mark.parametrize(
+    ("variant", "outtype"),
+    [
+        ("moe_sharded", "q8_0"),
+        ("moe_sharded", "bf16"),
+        ("glm4v_v5_f16", "f16"),
+        ("glm4v_v5_f16", "q8_0"),
+        ("moe_nextn_card", "f16"),
+    ],
+)
 def test_parity_variants(checkpoints, tmp_path, variant, outtype):
     mine = convert(checkpoints.hf(variant), tmp_path, outtype, progress=False)
     _assert_parity(mine, checkpoints.ref(variant, outtype))
@@ -215,7 +235,9 @@ def test_glm4v_specifics(checkpoints, tmp_path):
     conv = src["model.visual.patch_embed.proj.weight"].read()
     tensors = {t.name: t for t in m.tensors}
     for name, t in (("v.patch_embd.weight", 0), ("v.patch_embd.weight.1", 1)):
-        np.testing.assert_array_equal(np.asarray(tensors[name].data).reshape(conv[:, :, t].shape), conv[:, :, t])
+        np.testing.assert_array_equal(
+            np.asarray(tensors[name].data).reshape(conv[:, :, t].shape), conv[:, :, t]
+        )
     assert tensors["v.position_embd.weight"].tensor_type.name == "F32"
 
 
@@ -264,10 +286,18 @@ def _peak_traced(fn) -> int:
 @pytest.fixture(scope="session")
 def many_layers(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("convert-mem")
-    dense = tiny_models.make_checkpoint(root / "dense", "glm4v", num_hidden_layers=16, hidden_size=256,
-                                        intermediate_size=1024)
-    moe = tiny_models.make_checkpoint(root / "moe", "glm4v_moe", dtype="bfloat16", num_hidden_layers=4,
-                                      hidden_size=128, n_routed_experts=64, moe_intermediate_size=256)
+    dense = tiny_models.make_checkpoint(
+        root / "dense", "glm4v", num_hidden_layers=16, hidden_size=256, intermediate_size=1024
+    )
+    moe = tiny_models.make_checkpoint(
+        root / "moe",
+        "glm4v_moe",
+        dtype="bfloat16",
+        num_hidden_layers=4,
+        hidden_size=128,
+        n_routed_experts=64,
+        moe_intermediate_size=256,
+    )
     return {"dense": dense, "moe": moe}
 
 
@@ -304,27 +334,41 @@ def test_engine_outtype_uses_quantizer_hook(checkpoints, tmp_path):
         calls.append((src, dst, ftype, n_threads, GGUFReader(src).fields["general.file_type"].contents()))
         shutil.copyfile(src, dst)
 
-    text, mmproj = convert(checkpoints.hf("moe_sharded"), tmp_path, "Q4_K_M", progress=False,
-                           quantizer=fake_quantize, quantize_threads=3)
+    text, mmproj = convert(
+        checkpoints.hf("moe_sharded"),
+        tmp_path,
+        "Q4_K_M",
+        progress=False,
+        quantizer=fake_quantize,
+        quantize_threads=3,
+    )
     assert (text.name, mmproj.name) == ("hf-Q4_K_M.gguf", "mmproj-hf-F16.gguf")
     [(src, dst, ftype, n_threads, src_ftype)] = calls
     assert (ftype, n_threads) == ("Q4_K_M", 3)
     assert src_ftype == 32  # BF16 checkpoint -> lossless BF16 intermediate
     assert not Path(src).exists() and not Path(dst).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [mmproj.name, text.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mmproj.name, text.name])
     assert set(ENGINE_OUTTYPES).isdisjoint(FLOAT_OUTTYPES)
 
 
 def test_engine_outtype_mmproj_override(checkpoints, tmp_path):
-    _, mmproj = convert(checkpoints.hf("glm4v"), tmp_path, "q6_k", "q8_0", progress=False,
-                        quantizer=lambda s, d, f, n: shutil.copyfile(s, d))
+    _, mmproj = convert(
+        checkpoints.hf("glm4v"),
+        tmp_path,
+        "q6_k",
+        "q8_0",
+        progress=False,
+        quantizer=lambda s, d, f, n: shutil.copyfile(s, d),
+    )
     assert mmproj.name == "mmproj-hf-Q8_0.gguf"
 
 
 def test_cli_main_prints_paths(checkpoints, tmp_path, capsys):
     from glm4v_mtmd.convert import cli
 
-    rc = cli.main([str(checkpoints.hf("glm4v")), "--outdir", str(tmp_path), "--outtype", "BF16", "--no-progress"])
+    rc = cli.main(
+        [str(checkpoints.hf("glm4v")), "--outdir", str(tmp_path), "--outtype", "BF16", "--no-progress"]
+    )
     out = capsys.readouterr().out.split()
     assert rc == 0 and out == [str(tmp_path / "hf-BF16.gguf"), str(tmp_path / "mmproj-hf-BF16.gguf")]
     assert cli.main([str(checkpoints.hf("glm4v")), "--outdir", str(tmp_path / "x"), "--outtype", "q9"]) == 1
@@ -371,30 +415,56 @@ BAD_INPUTS = {
     # name: (mutation of a copy of the sharded MoE checkpoint, convert kwargs, expected file, message parts)
     "no_config": (lambda d: (d / "config.json").unlink(), {}, "config.json", ["not found"]),
     "unsupported_model_type": (
-        lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="qwen2_5_vl")), {},
-        "config.json", ["unsupported model_type", "qwen2_5_vl", "glm4v_moe"]),
-    "missing_shard": (lambda d: _first_shard(d, 3).unlink(), {}, "model.safetensors.index.json",
-                      ["missing shard", "model-00004-of-"]),
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="qwen2_5_vl")),
+        {},
+        "config.json",
+        ["unsupported model_type", "qwen2_5_vl", "glm4v_moe"],
+    ),
+    "missing_shard": (
+        lambda d: _first_shard(d, 3).unlink(),
+        {},
+        "model.safetensors.index.json",
+        ["missing shard", "model-00004-of-"],
+    ),
     "text_shape_mismatch": (
-        lambda d: _edit_json(d / "config.json", lambda c: c["text_config"].update(intermediate_size=100)), {},
-        ".safetensors", ["down_proj", "shape", "config.json", "100"]),
+        lambda d: _edit_json(d / "config.json", lambda c: c["text_config"].update(intermediate_size=100)),
+        {},
+        ".safetensors",
+        ["down_proj", "shape", "config.json", "100"],
+    ),
     "vision_shape_mismatch": (
-        lambda d: _edit_json(d / "config.json", lambda c: c["vision_config"].update(hidden_size=32)), {},
-        ".safetensors", ["visual", "shape", "config.json"]),
+        lambda d: _edit_json(d / "config.json", lambda c: c["vision_config"].update(hidden_size=32)),
+        {},
+        ".safetensors",
+        ["visual", "shape", "config.json"],
+    ),
     "expert_count_mismatch": (
-        lambda d: _edit_json(d / "config.json", lambda c: c["text_config"].update(n_routed_experts=6)), {},
-        "", ["expert"]),
+        lambda d: _edit_json(d / "config.json", lambda c: c["text_config"].update(n_routed_experts=6)),
+        {},
+        "",
+        ["expert"],
+    ),
     "truncated_shard": (
-        lambda d: _first_shard(d, -1).write_bytes(_first_shard(d, -1).read_bytes()[:-64]), {},
-        ".safetensors", ["truncated"]),
+        lambda d: _first_shard(d, -1).write_bytes(_first_shard(d, -1).read_bytes()[:-64]),
+        {},
+        ".safetensors",
+        ["truncated"],
+    ),
     "missing_tokenizer": (lambda d: (d / "tokenizer.json").unlink(), {}, "tokenizer.json", ["not found"]),
     "missing_image_mean": (
-        lambda d: _edit_json(d / "preprocessor_config.json", lambda c: c.pop("image_mean")), {},
-        "preprocessor_config.json", ["image_mean"]),
+        lambda d: _edit_json(d / "preprocessor_config.json", lambda c: c.pop("image_mean")),
+        {},
+        "preprocessor_config.json",
+        ["image_mean"],
+    ),
     "unknown_outtype": (lambda d: None, {"outtype": "q9_9"}, "", ["q9_9", "f16", "bf16", "q8_0", "q4_k_m"]),
     "unknown_mmproj_outtype": (lambda d: None, {"mmproj_outtype": "q4_k_m"}, "", ["mmproj", "f16", "q8_0"]),
     "engine_quantizer_fails": (
-        lambda d: None, {"outtype": "q4_k_m", "quantizer": _failing_quantizer}, "", ["Q4_K_M", "boom"]),
+        lambda d: None,
+        {"outtype": "q4_k_m", "quantizer": _failing_quantizer},
+        "",
+        ["Q4_K_M", "boom"],
+    ),
 }
 
 

@@ -8,14 +8,15 @@ tests/tolerances.py.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
-
 import reference
 import tolerances
 from conftest import ARCHS, random_image
+
 from glm4v_mtmd import GenerationConfig, Session
 
 # Sides are multiples of 28 and inside the token limits, so neither side resizes (other sizes are
@@ -41,7 +42,7 @@ def session_for(gguf_pair: Callable[..., Any]) -> Any:
     """``session_for(arch, seed=0, exact=True)``: a cached Session on our converter's GGUFs."""
     opened: list[Session] = []
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def open_session(arch: str, seed: int = 0, exact: bool = True) -> Session:
         model, mmproj = gguf_pair(arch, seed, "f32" if exact else "f16")
         if exact:

@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import random_image
 
 import glm4v_mtmd
-from conftest import random_image
 from glm4v_mtmd import (
     ConfigError,
     ContextOverflowError,
@@ -103,10 +103,11 @@ def test_embedding_can_be_reused_in_a_prompt(session):
 def test_follow_up_prompt_reuses_the_cached_prefix(session):
     session.reset()
     first = session.evaluate(PROMPT)
-    follow = session.evaluate(PROMPT[:2] + ["Describe this image.<|assistant|>\nA picture.<|user|>\nWhat else?<|assistant|>\n"])
+    turn2 = PROMPT[:2] + ["Describe this image.<|assistant|>\nA picture.<|user|>\nWhat else?<|assistant|>\n"]
+    follow = session.evaluate(turn2)
     assert follow.reused >= len(first.tokens) - 3
     session.reset()
-    fresh = session.evaluate(PROMPT[:2] + ["Describe this image.<|assistant|>\nA picture.<|user|>\nWhat else?<|assistant|>\n"])
+    fresh = session.evaluate(turn2)
     assert fresh.reused == 0
     np.testing.assert_array_equal(follow.positions, fresh.positions)
     np.testing.assert_allclose(follow.logits, fresh.logits, rtol=0, atol=1e-4)
@@ -295,7 +296,8 @@ def test_images_count_one_cell_per_token_against_n_ctx(pair):
 
 def test_generation_stops_at_a_full_context(pair):
     with Session(*pair, n_ctx=64, n_threads=1) as s:
-        out = s.generate(PROMPT[:1] + ["Hi<|assistant|>\n"], GenerationConfig(max_tokens=500, temperature=0.0, ignore_eos=True))
+        config = GenerationConfig(max_tokens=500, temperature=0.0, ignore_eos=True)
+        out = s.generate(PROMPT[:1] + ["Hi<|assistant|>\n"], config)
         assert out.finish_reason == "length"
         assert s.n_cells <= s.n_ctx
 

@@ -656,7 +656,6 @@ def make_checkpoint(
         - anything else goes to the top-level config (e.g. tie_word_embeddings=True).
     """
     import torch
-
     from transformers import Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration
 
     out = pathlib.Path(out_dir)

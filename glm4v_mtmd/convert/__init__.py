@@ -25,7 +25,7 @@ Engine quantization types (``q4_k_m``, ``q5_k_m``, ``q6_k``, ...; see :data:`ENG
 the text model is first written as a 16-bit GGUF (BF16 for a BF16 checkpoint, lossless; F16
 otherwise; the choice ``--outtype auto`` of the reference makes) to a temporary file, which is
 then passed to ``quantizer(src_path, dst_path, "Q4_K_M", n_threads)`` (default: the engine's
-``glm4v_mtmd._engine.quantize_model``; :class:`ConversionError` when unavailable). The mmproj of
+``glm4v_mtmd._native.quantize_model``; :class:`ConversionError` when unavailable). The mmproj of
 such a run is F16 unless ``mmproj_outtype`` says otherwise (vision towers are small and
 sensitive to quantization, and the engine's quantizer does not handle clip files).
 
@@ -45,7 +45,8 @@ Deliberate differences from the reference converter:
 * File names: ``<dir name>-<TYPE>.gguf`` / ``mmproj-<dir name>-<TYPE>.gguf`` (e.g.
   ``GLM-4.6V-Flash-Q4_K_M.gguf``, as the published GGUFs are named) instead of the reference's
   ``gguf.naming_convention`` (title-cased name plus size label, e.g. ``Ck_Glm4V-105K-F16.gguf``
-  and ``mmproj-Ck_Glm4V-F16.gguf`` for a directory ``ck_glm4v``). ``general.name`` and the other metadata are unchanged.
+  and ``mmproj-Ck_Glm4V-F16.gguf`` for a directory ``ck_glm4v``). ``general.name`` and the
+  other metadata are unchanged.
 * No transformers: the config defaults and RoPE normalisation of transformers 5's GLM-4.xV
   config classes are reproduced in ``_config.py``; the tokenizer is read from
   ``tokenizer.json`` (non-normalized added tokens are taken verbatim instead of being

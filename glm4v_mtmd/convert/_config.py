@@ -24,29 +24,70 @@ SUPPORTED_MODEL_TYPES = ("glm4v", "glm4v_moe")
 
 _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "glm4v": {
-        "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
-        "num_attention_heads": 32, "num_key_value_heads": 2, "hidden_act": "silu",
-        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-05,
-        "use_cache": True, "attention_dropout": 0.0, "rope_parameters": None, "pad_token_id": None,
+        "vocab_size": 151552,
+        "hidden_size": 4096,
+        "intermediate_size": 13696,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-05,
+        "use_cache": True,
+        "attention_dropout": 0.0,
+        "rope_parameters": None,
+        "pad_token_id": None,
     },
     "glm4v_moe": {
-        "vocab_size": 151424, "hidden_size": 4096, "intermediate_size": 10944, "num_hidden_layers": 46,
-        "num_attention_heads": 96, "num_key_value_heads": 8, "hidden_act": "silu",
-        "max_position_embeddings": 65536, "initializer_range": 0.02, "rms_norm_eps": 1e-05,
-        "use_cache": True, "tie_word_embeddings": False, "rope_parameters": None, "attention_bias": True,
-        "attention_dropout": 0.0, "moe_intermediate_size": 1408, "num_experts_per_tok": 8,
-        "output_router_logits": False, "n_shared_experts": 1, "n_routed_experts": 128,
-        "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
-        "norm_topk_prob": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "vocab_size": 151424,
+        "hidden_size": 4096,
+        "intermediate_size": 10944,
+        "num_hidden_layers": 46,
+        "num_attention_heads": 96,
+        "num_key_value_heads": 8,
+        "hidden_act": "silu",
+        "max_position_embeddings": 65536,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-05,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "rope_parameters": None,
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "moe_intermediate_size": 1408,
+        "num_experts_per_tok": 8,
+        "output_router_logits": False,
+        "n_shared_experts": 1,
+        "n_routed_experts": 128,
+        "routed_scaling_factor": 1.0,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "norm_topk_prob": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
         "router_aux_loss_coef": 0.0001,
     },
 }
 _TEXT_ATTRIBUTE_MAP = {"glm4v": {}, "glm4v_moe": {"num_local_experts": "n_routed_experts"}}
 
 _VISION_DEFAULTS: dict[str, Any] = {
-    "depth": 24, "hidden_size": 1536, "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
-    "num_heads": 12, "in_channels": 3, "image_size": 336, "patch_size": 14, "rms_norm_eps": 1e-05,
-    "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 4096, "intermediate_size": 13696,
+    "depth": 24,
+    "hidden_size": 1536,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "num_heads": 12,
+    "in_channels": 3,
+    "image_size": 336,
+    "patch_size": 14,
+    "rms_norm_eps": 1e-05,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": 4096,
+    "intermediate_size": 13696,
     "initializer_range": 0.02,
 }
 _VISION_ATTRIBUTE_MAP = {"num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
@@ -74,7 +115,9 @@ def _apply_attribute_map(d: dict[str, Any], amap: dict[str, str]) -> dict[str, A
     return out
 
 
-def _standardize_rope(cfg: dict[str, Any], *, partial_default: float | None, has_field: bool) -> dict[str, Any]:
+def _standardize_rope(
+    cfg: dict[str, Any], *, partial_default: float | None, has_field: bool
+) -> dict[str, Any]:
     """Fold legacy RoPE keys of one config level into ``rope_parameters`` (transformers 5 rules)."""
     cfg = dict(cfg)
     if not has_field and not (cfg.get("rope_scaling") and cfg.get("rope_theta")):
@@ -148,7 +191,9 @@ class ModelConfig:
         return "mrope_section" in self.rope
 
 
-def _text_hparams(raw: dict[str, Any], model_type: str, config_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _text_hparams(
+    raw: dict[str, Any], model_type: str, config_path: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
     tc = raw.get("text_config")
     if not isinstance(tc, dict):
         raise ConversionError(f"{config_path}: no 'text_config' object (not a GLM-4.xV checkpoint config?)")
@@ -169,7 +214,9 @@ def _text_hparams(raw: dict[str, Any], model_type: str, config_path: Path) -> tu
     def find(keys: tuple[str, ...]) -> Any:
         return next((hparams[k] for k in keys if k in hparams), None)
 
-    theta = find(("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"))
+    theta = find(
+        ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base")
+    )
     partial = find(("partial_rotary_factor", "rope_pct", "rope_percent"))
     orig_ctx = find(("original_max_position_embeddings",))
     if "full_attention" not in rope and "sliding_attention" not in rope:
@@ -215,7 +262,9 @@ def load_model_config(hf_dir: Path) -> ModelConfig:
         raise ConversionError(f"{hf_dir}: not a directory")
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
-        raise ConversionError(f"{config_path}: file not found ({hf_dir} is not a Hugging Face model directory)")
+        raise ConversionError(
+            f"{config_path}: file not found ({hf_dir} is not a Hugging Face model directory)"
+        )
     raw = load_json(config_path)
     if not isinstance(raw, dict):
         raise ConversionError(f"{config_path}: expected a JSON object")
@@ -229,7 +278,13 @@ def load_model_config(hf_dir: Path) -> ModelConfig:
     vision = _vision_hparams(raw, config_path)
     cfg = ModelConfig(hf_dir, model_type, raw, text, rope, vision, _preprocessor(hf_dir))
 
-    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size"):
+    for key in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_hidden_layers",
+        "vocab_size",
+    ):
         v = text.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConversionError(f"{config_path}: text_config.{key} must be a positive integer, got {v!r}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from ..errors import ConversionError
 from ._config import load_model_config
@@ -24,8 +25,19 @@ logger = logging.getLogger("glm4v_mtmd.convert")
 FLOAT_OUTTYPES: tuple[str, ...] = tuple(OUTTYPES)
 #: text model quantized by the engine's quantizer from a 16-bit intermediate file
 ENGINE_OUTTYPES: tuple[str, ...] = (
-    "q4_0", "q4_1", "q5_0", "q5_1",
-    "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
 )
 ALL_OUTTYPES: tuple[str, ...] = FLOAT_OUTTYPES + ENGINE_OUTTYPES
 
@@ -37,24 +49,15 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _default_quantizer() -> QuantizeFn:
-    """The engine's quantizer, imported only when a k-quant is requested."""
-    errors = []
+    """The engine's quantizer (llama_model_quantize through the C API), imported only when needed."""
     try:
-        from .._engine import quantize_model  # type: ignore[import-not-found]
-
-        return quantize_model
+        from .._native import quantize_model
     except ImportError as exc:
-        errors.append(str(exc))
-    try:
-        from .._native import quantize  # type: ignore[attr-defined]
-
-        return quantize
-    except ImportError as exc:
-        errors.append(str(exc))
-    raise ConversionError(
-        "engine-quantized outtypes need the engine's model quantizer (glm4v_mtmd._engine.quantize_model), "
-        f"which is not available ({'; '.join(errors)}); convert to f16/bf16/q8_0 instead"
-    )
+        raise ConversionError(
+            "engine-quantized outtypes need the compiled engine (glm4v_mtmd._native.quantize_model), "
+            f"which is not available ({exc}); convert to f16/bf16/q8_0 instead"
+        ) from exc
+    return quantize_model
 
 
 def _check_outtype(value: str, allowed: tuple[str, ...], what: str) -> str:
@@ -96,7 +99,7 @@ def convert(
     ``outtype``: one of :data:`ALL_OUTTYPES`. ``f32``/``f16``/``bf16``/``q8_0`` are written
     directly; the others are produced by writing a 16-bit text file first (BF16 for a BF16
     checkpoint, F16 otherwise) and passing it to ``quantizer`` (default: the engine's
-    quantizer, ``glm4v_mtmd._engine.quantize_model``) with ``quantize_threads`` threads.
+    quantizer, ``glm4v_mtmd._native.quantize_model``) with ``quantize_threads`` threads.
     ``mmproj_outtype``: one of :data:`FLOAT_OUTTYPES`; defaults to ``outtype`` when that is
     one of them, else ``f16``. ``progress``: ``None`` shows a tqdm bar when stderr is a
     terminal, ``True``/``False`` force it on/off.
@@ -141,8 +144,16 @@ def convert(
 
     try:
         text_tmp = temp_for(text_final)
-        write_gguf(text_tmp, arch=cfg.gguf_arch, gguf_type="model", hf_dir=hf_path, kv=text_meta,
-                   tensors=text_tensors, progress=progress, desc=text_final.name)
+        write_gguf(
+            text_tmp,
+            arch=cfg.gguf_arch,
+            gguf_type="model",
+            hf_dir=hf_path,
+            kv=text_meta,
+            tensors=text_tensors,
+            progress=progress,
+            desc=text_final.name,
+        )
         if quantize is not None:
             quant_tmp = temp_for(text_final)
             n_threads = quantize_threads or os.cpu_count() or 1
@@ -157,8 +168,16 @@ def convert(
             text_tmp.unlink()
             text_tmp = quant_tmp
         mmproj_tmp = temp_for(mmproj_final)
-        write_gguf(mmproj_tmp, arch="clip", gguf_type="mmproj", hf_dir=hf_path, kv=vision_meta,
-                   tensors=vision_tensors, progress=progress, desc=mmproj_final.name)
+        write_gguf(
+            mmproj_tmp,
+            arch="clip",
+            gguf_type="mmproj",
+            hf_dir=hf_path,
+            kv=vision_meta,
+            tensors=vision_tensors,
+            progress=progress,
+            desc=mmproj_final.name,
+        )
         os.replace(text_tmp, text_final)
         temps.append(text_final)  # a failure of the second rename must not leave half a pair
         os.replace(mmproj_tmp, mmproj_final)

@@ -196,7 +196,9 @@ def index_checkpoint(hf_dir: Path) -> dict[str, SourceTensor]:
     for part in part_names:
         for name, t in read_header(hf_dir / part).items():
             if name in tensors:
-                raise ConversionError(f"{hf_dir / part}: tensor {name!r} also appears in {tensors[name].file.name}")
+                raise ConversionError(
+                    f"{hf_dir / part}: tensor {name!r} also appears in {tensors[name].file.name}"
+                )
             tensors[name] = t
 
     if weight_map:
@@ -206,8 +208,12 @@ def index_checkpoint(hf_dir: Path) -> dict[str, SourceTensor]:
             files = sorted({weight_map[n] for n in missing_t})
             raise ConversionError(
                 f"{index_file}: weight map and shard contents disagree: "
-                + (f"missing tensors {missing_t[:5]}{'...' if len(missing_t) > 5 else ''} "
-                   f"(expected in {', '.join(files)}) " if missing_t else "")
+                + (
+                    f"missing tensors {missing_t[:5]}{'...' if len(missing_t) > 5 else ''} "
+                    f"(expected in {', '.join(files)}) "
+                    if missing_t
+                    else ""
+                )
                 + (f"unlisted tensors {extra[:5]}{'...' if len(extra) > 5 else ''}" if extra else "")
             )
     return tensors

@@ -30,11 +30,37 @@ __all__ = ["text_plan", "text_kv"]
 _SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 # TextModel.filter_tensors: multimodal tensors are not part of the text model
-_MM_PREFIXES = ("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.", "sound_encoder.",
-                "sound_projection.", "speech_embeddings.")
-_MM_PARTS = ("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.",
-             "projector.", "pre_mm_projector_norm", "image_newline", "view_seperator", "patch_embed",
-             "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.")
+_MM_PREFIXES = (
+    "mlp",
+    "vit.",
+    "vpm.",
+    "siglip2.",
+    "conformer.",
+    "merger.",
+    "resampler.",
+    "sound_encoder.",
+    "sound_projection.",
+    "speech_embeddings.",
+)
+_MM_PARTS = (
+    "visual.",
+    "vision.",
+    "audio.",
+    "talker.",
+    "vision_",
+    "audio_",
+    "token2wav.",
+    "code2wav.",
+    "projector.",
+    "pre_mm_projector_norm",
+    "image_newline",
+    "view_seperator",
+    "patch_embed",
+    "patch_embedding",
+    "patch_merger.",
+    "patch_merge_mlp.",
+    "model.connector.",
+)
 
 _GLOBAL = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm"}
 
@@ -101,22 +127,34 @@ def _expected_shapes(cfg: ModelConfig, hf: str, bid: int | None) -> tuple[int, .
         return None
     part, kind = m.group(2), m.group(3)
     table: dict[str, tuple[int, ...]] = {
-        "input_layernorm": (h,), "post_attention_layernorm": (h,), "post_self_attn_layernorm": (h,),
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
+        "post_self_attn_layernorm": (h,),
         "post_mlp_layernorm": (h,),
-        "self_attn.q_proj": (nq * hd, h), "self_attn.k_proj": (nkv * hd, h), "self_attn.v_proj": (nkv * hd, h),
-        "self_attn.o_proj": (h, nq * hd), "self_attn.q_norm": (hd,), "self_attn.k_norm": (hd,),
+        "self_attn.q_proj": (nq * hd, h),
+        "self_attn.k_proj": (nkv * hd, h),
+        "self_attn.v_proj": (nkv * hd, h),
+        "self_attn.o_proj": (h, nq * hd),
+        "self_attn.q_norm": (hd,),
+        "self_attn.k_norm": (hd,),
         "mlp.gate_up_proj": (2 * ff, h),
     }
     if cfg.is_moe:
         moe_ff = int(t.get("moe_intermediate_size") or 0)
         n_exp = int(t.get("n_routed_experts") or 0)
         n_sh = int(t.get("n_shared_experts") or 0)
-        table.update({
-            "mlp.gate": (n_exp, h), "mlp.gate.e_score_correction": (n_exp,),
-            "mlp.shared_experts.gate_proj": (moe_ff * n_sh, h), "mlp.shared_experts.up_proj": (moe_ff * n_sh, h),
-            "mlp.shared_experts.down_proj": (h, moe_ff * n_sh),
-            "mlp.gate_proj": (ff, h), "mlp.up_proj": (ff, h), "mlp.down_proj": (h, ff),
-        })
+        table.update(
+            {
+                "mlp.gate": (n_exp, h),
+                "mlp.gate.e_score_correction": (n_exp,),
+                "mlp.shared_experts.gate_proj": (moe_ff * n_sh, h),
+                "mlp.shared_experts.up_proj": (moe_ff * n_sh, h),
+                "mlp.shared_experts.down_proj": (h, moe_ff * n_sh),
+                "mlp.gate_proj": (ff, h),
+                "mlp.up_proj": (ff, h),
+                "mlp.down_proj": (h, ff),
+            }
+        )
     else:
         table["mlp.down_proj"] = (h, ff)
     shape = table.get(part)
@@ -139,7 +177,7 @@ def _map(cfg: ModelConfig, hf: str, src: SourceTensor) -> str:
         return "token_embd.weight"
     for k, v in _GLOBAL.items():
         if hf in (k + ".weight", k + ".bias"):
-            return v + hf[len(k):]
+            return v + hf[len(k) :]
     m = _LAYER_RE.match(hf)
     table = _LAYER_GLM4MOE if cfg.is_moe else _LAYER_GLM4
     if m and int(m.group(1)) < cfg.block_count and m.group(2) in table:
@@ -160,7 +198,8 @@ def text_plan(cfg: ModelConfig, sources: dict[str, SourceTensor], outtype: str) 
     def emit(name: str, shape: tuple[int, ...], pieces: list[Piece], src: SourceTensor) -> None:
         if name in seen:
             raise ConversionError(
-                f"{src.file}: tensors {seen[name].name!r} and {src.name!r} both map to {name!r}")
+                f"{src.file}: tensors {seen[name].name!r} and {src.name!r} both map to {name!r}"
+            )
         seen[name] = src
         out.append(OutTensor(name, shape, select_qtype(name, shape, outtype, mmproj=False), pieces))
 
@@ -171,25 +210,37 @@ def text_plan(cfg: ModelConfig, sources: dict[str, SourceTensor], outtype: str) 
         bid = next((int(p) for p in hf.split(".") if p.isdecimal()), None)
         if cfg.is_moe and bid is not None and bid >= cfg.block_count and hf.startswith("model.layers."):
             raise ConversionError(
-                f"{src.file}: tensor {name!r} belongs to layer {bid}, but the config has {cfg.block_count} layers")
+                f"{src.file}: tensor {name!r} belongs to layer {bid}, "
+                f"but the config has {cfg.block_count} layers"
+            )
 
         if cfg.is_moe and "mlp.experts" in hf:
             m = _EXPERT_RE.match(hf)
             if not m:
                 raise ConversionError(
                     f"{src.file}: unsupported expert tensor {name!r} (expected per-expert "
-                    "'mlp.experts.N.{gate,up,down}_proj.weight' tensors)")
+                    "'mlp.experts.N.{gate,up,down}_proj.weight' tensors)"
+                )
             bid, xid, proj = int(m.group(1)), int(m.group(2)), m.group(3)
             want = (h, moe_ff) if proj == "down_proj" else (moe_ff, h)
-            if xid >= n_experts or tuple(src.shape) != want:
+            if xid >= n_experts:
                 raise ConversionError(
-                    f"{src.file}: expert tensor {name!r} of shape {list(src.shape)} does not match the config "
-                    f"({n_experts} experts of shape {list(want)}, {cfg.hf_dir / 'config.json'})")
+                    f"{src.file}: expert tensor {name!r} has expert index {xid}, but "
+                    f"{cfg.hf_dir / 'config.json'} declares n_routed_experts = {n_experts}"
+                )
+            if tuple(src.shape) != want:
+                raise ConversionError(
+                    f"{src.file}: expert tensor {name!r} has shape {list(src.shape)}, but "
+                    f"{cfg.hf_dir / 'config.json'} implies {list(want)}"
+                )
             layer = experts.setdefault(bid, {})
             layer[hf] = src
             if len(layer) >= n_experts * 3:
                 for proj in ("down_proj", "gate_proj", "up_proj"):
-                    parts = [layer.pop(f"model.layers.{bid}.mlp.experts.{x}.{proj}.weight") for x in range(n_experts)]
+                    parts = [
+                        layer.pop(f"model.layers.{bid}.mlp.experts.{x}.{proj}.weight")
+                        for x in range(n_experts)
+                    ]
                     gname = f"blk.{bid}.ffn_{proj.split('_')[0]}_exps.weight"
                     emit(gname, (n_experts, *parts[0].shape), [Piece(p) for p in parts], parts[0])
             continue
@@ -197,8 +248,11 @@ def text_plan(cfg: ModelConfig, sources: dict[str, SourceTensor], outtype: str) 
         _check_shape(cfg, src, hf, bid)
         gname = _map(cfg, hf, src)
         piece = Piece(src)
-        if cfg.use_mrope and not cfg.is_moe and hf.endswith(
-                ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+        if (
+            cfg.use_mrope
+            and not cfg.is_moe
+            and hf.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
+        ):
             piece = Piece(src, "neox", (cfg.head_dim, rot_dim))
         emit(gname, tuple(src.shape), [piece], src)
 
@@ -206,7 +260,8 @@ def text_plan(cfg: ModelConfig, sources: dict[str, SourceTensor], outtype: str) 
     if leftover:
         raise ConversionError(
             f"{cfg.hf_dir}: incomplete experts, e.g. {leftover[0]!r} ({len(leftover)} expert tensors without "
-            f"the rest of their layer; config says {n_experts} experts per layer)")
+            f"the rest of their layer; config says {n_experts} experts per layer)"
+        )
     if not out:
         raise ConversionError(f"{cfg.hf_dir}: the checkpoint contains no text-model tensors")
     return out
@@ -229,13 +284,32 @@ def text_kv(cfg: ModelConfig, outtype_ftype: int) -> list[tuple[str, str, Any]]:
         return next((hp[k] for k in keys if k in hp), None)
 
     put(f"{a}.block_count", "u32", cfg.block_count)
-    if (v := find(("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
-                   "model_max_length"))) is not None:
+    if (
+        v := find(
+            (
+                "max_position_embeddings",
+                "n_ctx",
+                "n_positions",
+                "max_length",
+                "max_sequence_length",
+                "model_max_length",
+            )
+        )
+    ) is not None:
         put(f"{a}.context_length", "u32", v)
     if (v := find(("hidden_size", "n_embd", "dim"))) is not None:
         put(f"{a}.embedding_length", "u32", v)
-    if (v := find(("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner",
-                   "hidden_dim"))) is not None:
+    if (
+        v := find(
+            (
+                "prefix_dense_intermediate_size",
+                "dense_intermediate_size",
+                "intermediate_size",
+                "n_inner",
+                "hidden_dim",
+            )
+        )
+    ) is not None:
         put(f"{a}.feed_forward_length", "u32", v)
     if (v := find(("num_attention_heads", "n_head", "n_heads"))) is not None:
         put(f"{a}.attention.head_count", "u32", v)
@@ -254,9 +328,15 @@ def text_kv(cfg: ModelConfig, outtype_ftype: int) -> list[tuple[str, str, Any]]:
         put(f"{a}.rope.scaling.type", "str", "yarn")
         put(f"{a}.rope.scaling.factor", "f32", factor)
         put(f"{a}.rope.scaling.original_context_length", "u32", rope["original_max_position_embeddings"])
-        for src_key, dst in (("extrapolation_factor", "yarn_ext_factor"), ("beta_fast", "yarn_beta_fast"),
-                             ("beta_slow", "yarn_beta_slow")):
-            if src_key == "beta_fast" and (af := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
+        for src_key, dst in (
+            ("extrapolation_factor", "yarn_ext_factor"),
+            ("beta_fast", "yarn_beta_fast"),
+            ("beta_slow", "yarn_beta_slow"),
+        ):
+            if (
+                src_key == "beta_fast"
+                and (af := rope.get("attention_factor", rope.get("attn_factor"))) is not None
+            ):
                 put(f"{a}.rope.scaling.yarn_attn_factor", "f32", af)
             if (v := rope.get(src_key)) is not None:
                 put(f"{a}.rope.scaling.{dst}", "f32", v)
@@ -279,8 +359,18 @@ def text_kv(cfg: ModelConfig, outtype_ftype: int) -> list[tuple[str, str, Any]]:
         put(f"{a}.expert_group_count", "u32", v)
     if (v := hp.get("topk_group")) is not None:
         put(f"{a}.expert_group_used_count", "u32", v)
-    if (v := find(("score_function", "scoring_func", "score_func", "moe_router_activation",
-                   "moe_router_activation_func", "expert_selection_fn"))) is not None:
+    if (
+        v := find(
+            (
+                "score_function",
+                "scoring_func",
+                "score_func",
+                "moe_router_activation",
+                "moe_router_activation_func",
+                "expert_selection_fn",
+            )
+        )
+    ) is not None:
         gating = {"sigmoid": 2, "softmax": 1, "sqrtsoftplus": 4}.get(v)
         if gating is None:
             raise ConversionError(f"{cfg.hf_dir / 'config.json'}: unsupported expert scoring function {v!r}")
@@ -292,9 +382,12 @@ def text_kv(cfg: ModelConfig, outtype_ftype: int) -> list[tuple[str, str, Any]]:
 
     put(f"{a}.rope.dimension_count", "u32", int(cfg.head_dim * cfg.partial_rotary_factor))
     if cfg.is_moe:
-        for key, gkey in (("n_routed_experts", "expert_count"), ("moe_intermediate_size", "expert_feed_forward_length"),
-                          ("n_shared_experts", "expert_shared_count"),
-                          ("first_k_dense_replace", "leading_dense_block_count")):
+        for key, gkey in (
+            ("n_routed_experts", "expert_count"),
+            ("moe_intermediate_size", "expert_feed_forward_length"),
+            ("n_shared_experts", "expert_shared_count"),
+            ("first_k_dense_replace", "leading_dense_block_count"),
+        ):
             if (v := hp.get(key)) is not None:
                 put(f"{a}.{gkey}", "u32", v)
         put(f"{a}.expert_gating_func", "u32", 2)  # sigmoid

@@ -62,17 +62,27 @@ def _expected_shape(cfg: ModelConfig, hf: str) -> tuple[int, ...] | None:
     v = cfg.vision
     hv, out_h = int(v["hidden_size"]), int(v["out_hidden_size"])
     ff = int(v.get("intermediate_size") or 0)
-    p, t, c, merge = int(v["patch_size"]), int(v.get("temporal_patch_size") or 2), int(v.get("in_channels") or 3), \
-        int(v.get("spatial_merge_size") or 2)
+    p, t, c, merge = (
+        int(v["patch_size"]),
+        int(v.get("temporal_patch_size") or 2),
+        int(v.get("in_channels") or 3),
+        int(v.get("spatial_merge_size") or 2),
+    )
     n_pos = (int(v["image_size"]) // p) ** 2 if isinstance(v.get("image_size"), int) else None
     table: dict[str, tuple[int, ...] | None] = {
-        "visual.patch_embed.proj.weight": (hv, c, t, p, p), "visual.patch_embed.proj.bias": (hv,),
-        "visual.post_conv_layernorm.weight": (hv,), "visual.post_layernorm.weight": (hv,),
+        "visual.patch_embed.proj.weight": (hv, c, t, p, p),
+        "visual.patch_embed.proj.bias": (hv,),
+        "visual.post_conv_layernorm.weight": (hv,),
+        "visual.post_layernorm.weight": (hv,),
         "visual.embeddings.position_embedding.weight": (n_pos, hv) if n_pos else None,
-        "visual.downsample.weight": (out_h, hv, merge, merge), "visual.downsample.bias": (out_h,),
-        "visual.merger.proj.weight": (out_h, out_h), "visual.merger.proj.bias": (out_h,),
-        "visual.merger.post_projection_norm.weight": (out_h,), "visual.merger.post_projection_norm.bias": (out_h,),
-        "visual.merger.gate_proj.weight": (ff, out_h), "visual.merger.up_proj.weight": (ff, out_h),
+        "visual.downsample.weight": (out_h, hv, merge, merge),
+        "visual.downsample.bias": (out_h,),
+        "visual.merger.proj.weight": (out_h, out_h),
+        "visual.merger.proj.bias": (out_h,),
+        "visual.merger.post_projection_norm.weight": (out_h,),
+        "visual.merger.post_projection_norm.bias": (out_h,),
+        "visual.merger.gate_proj.weight": (ff, out_h),
+        "visual.merger.up_proj.weight": (ff, out_h),
         "visual.merger.down_proj.weight": (out_h, ff),
     }
     if hf in table:
@@ -81,8 +91,13 @@ def _expected_shape(cfg: ModelConfig, hf: str) -> tuple[int, ...] | None:
     if not m:
         return None
     block = {
-        "attn.qkv": (3 * hv, hv), "attn.proj": (hv, hv), "norm1": (hv,), "norm2": (hv,),
-        "mlp.gate_proj": (out_h, hv), "mlp.up_proj": (out_h, hv), "mlp.down_proj": (hv, out_h),
+        "attn.qkv": (3 * hv, hv),
+        "attn.proj": (hv, hv),
+        "norm1": (hv,),
+        "norm2": (hv,),
+        "mlp.gate_proj": (out_h, hv),
+        "mlp.up_proj": (out_h, hv),
+        "mlp.down_proj": (hv, out_h),
     }.get(m.group(2))
     if block is None:
         return None
@@ -92,7 +107,7 @@ def _expected_shape(cfg: ModelConfig, hf: str) -> tuple[int, ...] | None:
 def _map(cfg: ModelConfig, hf: str, src: SourceTensor) -> str:
     for k, v in _GLOBAL.items():
         if hf in (k + ".weight", k + ".bias"):
-            return v + hf[len(k):]
+            return v + hf[len(k) :]
     m = _BLOCK_RE.match(hf)
     if m and int(m.group(1)) < int(cfg.vision["depth"]) and m.group(2) in _BLOCK:
         return f"v.blk.{int(m.group(1))}.{_BLOCK[m.group(2)]}.{m.group(3)}"
@@ -118,11 +133,14 @@ def vision_plan(cfg: ModelConfig, sources: dict[str, SourceTensor], outtype: str
         if want is not None and tuple(src.shape) != want:
             raise ConversionError(
                 f"{src.file}: tensor {src.name!r} has shape {list(src.shape)}, but "
-                f"{cfg.hf_dir / 'config.json'} implies {list(want)}")
+                f"{cfg.hf_dir / 'config.json'} implies {list(want)}"
+            )
         if hf == "visual.patch_embed.proj.weight":
             if len(src.shape) != 5 or src.shape[2] != 2:
                 raise ConversionError(
-                    f"{src.file}: {src.name!r}: only a temporal patch size of 2 is supported, shape {list(src.shape)}")
+                    f"{src.file}: {src.name!r}: only a temporal patch size of 2 is supported, "
+                    f"shape {list(src.shape)}"
+                )
             c1, c2, _, kh, kw = src.shape
             emit("v.patch_embd.weight", (c1, c2, kh, kw), Piece(src, "temporal", (0,)))
             emit("v.patch_embd.weight.1", (c1, c2, kh, kw), Piece(src, "temporal", (1,)))

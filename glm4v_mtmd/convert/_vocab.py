@@ -117,7 +117,9 @@ class SpecialVocab:
             if len(parts) == 2:
                 self.merges.append(f"{parts[0]} {parts[1]}")
 
-    def _load_tokenizer_config(self, path: Path, tokenizer: dict, tc: dict | None, added_tokens: list) -> None:
+    def _load_tokenizer_config(
+        self, path: Path, tokenizer: dict, tc: dict | None, added_tokens: list
+    ) -> None:
         special_bos = (tc or {}).get("bos_token")
         special_cls = (tc or {}).get("cls_token")
         special_eos = (tc or {}).get("eos_token")
@@ -145,7 +147,8 @@ class SpecialVocab:
                     continue
                 elif kind == "TemplateProcessing":
                     special_bos, special_cls, special_eos, special_sep = self._template_processing(
-                        processor, tc, special_bos, special_cls, special_eos, special_sep)
+                        processor, tc, special_bos, special_cls, special_eos, special_sep
+                    )
                     continue
         if not tc:
             return
@@ -302,7 +305,11 @@ def load_vocab(cfg: ModelConfig) -> Vocab:
         raise ConversionError(f"{tok_path}: file not found (a fast tokenizer is required)")
     tokenizer = load_json(tok_path)
     model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
-    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
+    if (
+        not isinstance(model, dict)
+        or model.get("type", "BPE") != "BPE"
+        or not isinstance(model.get("vocab"), dict)
+    ):
         raise ConversionError(f"{tok_path}: expected a byte-level BPE tokenizer with a 'model.vocab' table")
     tc = load_json(path / "tokenizer_config.json", required=False)
     if tc is not None and not isinstance(tc, dict):

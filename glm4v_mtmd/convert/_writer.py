@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import numpy as np
+from typing import Any
 
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from ..errors import ConversionError
@@ -30,7 +30,13 @@ from ._config import load_json
 from ._source import SourceTensor
 
 __all__ = [
-    "OUTTYPES", "OutTensor", "Piece", "select_qtype", "tensor_nbytes", "write_gguf", "Progress",
+    "OUTTYPES",
+    "OutTensor",
+    "Piece",
+    "select_qtype",
+    "tensor_nbytes",
+    "write_gguf",
+    "Progress",
 ]
 
 logger = logging.getLogger("glm4v_mtmd.convert")
@@ -96,7 +102,9 @@ def select_qtype(name: str, shape: tuple[int, ...], outtype: str, *, mmproj: boo
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         qtype = QT.F32
     if qtype is None and (
-        name.endswith(_F32_SUFFIXES) or name in _F32_NAMES or name[-7:] not in (".weight", ".lora_a", ".lora_b")
+        name.endswith(_F32_SUFFIXES)
+        or name in _F32_NAMES
+        or name[-7:] not in (".weight", ".lora_a", ".lora_b")
     ):
         qtype = QT.F32
     if qtype is None:
@@ -229,7 +237,9 @@ def write_gguf(
                 bar.update(data.nbytes)
                 del chunk, data
             if written != t.nbytes:
-                raise ConversionError(f"internal error: tensor {t.name} produced {written} bytes, expected {t.nbytes}")
+                raise ConversionError(
+                    f"internal error: tensor {t.name} produced {written} bytes, expected {t.nbytes}"
+                )
             fout.write(b"\0" * (-written % _ALIGNMENT))
             if check is not None:
                 check()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ..errors import ConversionError
 from ._convert import ALL_OUTTYPES, FLOAT_OUTTYPES, convert
@@ -21,21 +22,29 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("--outdir", default=".", help="output directory (default: current directory)")
     p.add_argument(
-        "--outtype", default="f16", type=str.lower, metavar="TYPE",
-        help=f"text model type: {', '.join(ALL_OUTTYPES)} (default: f16; k-quants use the engine's quantizer)",
+        "--outtype",
+        default="f16",
+        type=str.lower,
+        metavar="TYPE",
+        help=f"text model type: {', '.join(ALL_OUTTYPES)} (default: f16; k-quants: engine quantizer)",
     )
     p.add_argument(
-        "--mmproj-outtype", default=None, type=str.lower, metavar="TYPE",
-        help=f"projector type: {', '.join(FLOAT_OUTTYPES)} (default: --outtype, or f16 for engine quant types)",
+        "--mmproj-outtype",
+        default=None,
+        type=str.lower,
+        metavar="TYPE",
+        help=f"projector type: {', '.join(FLOAT_OUTTYPES)} (default: --outtype, or f16 for k-quants)",
     )
     p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: all CPUs)")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return p
 
 
-def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``convert`` sub-command (its ``func`` default is :func:`run`)."""
-    p = subparsers.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF", description=_DESCRIPTION)
+    p = subparsers.add_parser(
+        "convert", help="convert a Hugging Face checkpoint to GGUF", description=_DESCRIPTION
+    )
     _configure(p)
     p.set_defaults(func=run)
     return p
@@ -44,8 +53,12 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``convert`` command; prints the model and mmproj paths."""
     model, mmproj = convert(
-        args.hf_dir, args.outdir, args.outtype, args.mmproj_outtype,
-        progress=False if args.no_progress else None, quantize_threads=args.threads,
+        args.hf_dir,
+        args.outdir,
+        args.outtype,
+        args.mmproj_outtype,
+        progress=False if args.no_progress else None,
+        quantize_threads=args.threads,
     )
     print(model)
     print(mmproj)
