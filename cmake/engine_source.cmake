@@ -25,6 +25,14 @@ if(GLM4V_LLAMA_CPP_DIR)
       "(tools/mtmd/mtmd.h is missing). Unset it to use the pinned engine source.")
   endif()
   set(GLM4V_ENGINE_ORIGIN "user checkout")
+  # Report the checkout's own commit when it is a git tree; the pinned one does not apply.
+  execute_process(COMMAND git -C "${GLM4V_ENGINE_DIR}" rev-parse HEAD
+    OUTPUT_VARIABLE _commit OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE _rc)
+  if(_rc EQUAL 0 AND _commit)
+    set(GLM4V_ENGINE_COMMIT "${_commit}")
+  else()
+    set(GLM4V_ENGINE_COMMIT "unknown")
+  endif()
   return()
 endif()
 

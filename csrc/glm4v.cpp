@@ -1,27 +1,18 @@
-// glm4v-mtmd C API implementation over llama.h + mtmd.h.
+// glm4v-mtmd C API over llama.h + mtmd.h: library, logging and errors, session, vocabulary.
 //
 // Every exported function catches C++ exceptions and reports a status; messages go to a
 // per-session string (or a thread-local one when there is no session). Engine log lines of
 // level ERROR seen during a call are appended to the message, because the engine explains
 // most failures only through its log.
 
-#include "glm4v.h"
 #include "glm4v_internal.h"
 
-#include "llama.h"
-#include "mtmd.h"
-
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
-#include <new>
-#include <stdexcept>
-#include <string>
-#include <vector>
 
 #ifndef GLM4V_ENGINE_COMMIT
 #define GLM4V_ENGINE_COMMIT "unknown"
@@ -57,6 +48,10 @@ void log_trampoline(enum ggml_log_level level, const char * text, void * /*user*
         fn((int) level, text ? text : "", g_log_user.load());
     }
 }
+
+}  // namespace
+
+namespace glm4v_detail {
 
 void install_log_once() {
     static std::once_flag once;
@@ -117,62 +112,6 @@ size_t utf8_complete_prefix(const std::string & s) {
     return n;
 }
 
-}  // namespace
-
-// ---------------------------------------------------------------------------------------
-// handles
-// ---------------------------------------------------------------------------------------
-
-struct glm4v_image {
-    int32_t n_tokens = 0;
-    int32_t n_embd = 0;
-    int32_t rows = 0;
-    int32_t cols = 0;
-    std::vector<float> data;
-};
-
-struct glm4v_session {
-    llama_model * model = nullptr;
-    llama_context * ctx = nullptr;
-    mtmd_context * mctx = nullptr;
-    const llama_vocab * vocab = nullptr;
-    llama_batch_ext * batch = nullptr;
-    int32_t n_batch = 512;
-    bool use_mrope = false;
-
-    std::string last_error;
-    std::atomic<bool> cancel{false};
-
-    // KV bookkeeping: for every cell, the position the next cell would take after it, and
-    // which image it belongs to (0 for text).
-    std::vector<int32_t> cell_next;
-    std::vector<int32_t> cell_image;
-    int32_t n_images_seen = 0;
-    int32_t next_pos = 0;
-    bool have_logits = false;
-
-    // generation state
-    llama_sampler * smpl = nullptr;
-    std::vector<int32_t> stop_tokens;
-    int32_t max_tokens = 0;
-    int32_t n_generated = 0;
-    int32_t pending_token = -1;  // sampled and emitted, not yet decoded
-    std::string pending_text;    // bytes not yet returned (incomplete UTF-8 or no room)
-    int32_t finish = GLM4V_FINISH_NONE;
-    bool gen_active = false;
-
-    glm4v_timings timings{};
-
-    ~glm4v_session() {
-        if (smpl) llama_sampler_free(smpl);
-        if (batch) llama_batch_ext_free(batch);
-        if (mctx) mtmd_free(mctx);
-        if (ctx) llama_free(ctx);
-        if (model) llama_model_free(model);
-    }
-};
-
-namespace {
 
 glm4v_status fail(glm4v_session * s, glm4v_status st, const std::string & msg) {
     std::string full = with_engine_detail(msg);
@@ -184,154 +123,20 @@ glm4v_status fail(glm4v_session * s, glm4v_status st, const std::string & msg) {
     return st;
 }
 
-// Start of every API call: forget engine errors of earlier calls.
 void begin_call(glm4v_session * s) {
     t_engine_errors.clear();
     if (s) s->last_error.clear();
 }
 
+}  // namespace glm4v_detail
+
+using namespace glm4v_detail;
+
+namespace {
+
 bool abort_cb(void * data) {
     auto * s = static_cast<glm4v_session *>(data);
     return s->cancel.load();
-}
-
-#define GLM4V_GUARD(s)                                                                      \
-    catch (const std::bad_alloc &) {                                                        \
-        return fail((s), GLM4V_ERR_INTERNAL, "out of memory");                              \
-    }                                                                                       \
-    catch (const std::exception & e) {                                                      \
-        return fail((s), GLM4V_ERR_INTERNAL, std::string("internal error: ") + e.what());    \
-    }                                                                                       \
-    catch (...) {                                                                           \
-        return fail((s), GLM4V_ERR_INTERNAL, "internal error");                             \
-    }
-
-// Decode batch; maps llama_process return codes to statuses.
-glm4v_status run_batch(glm4v_session * s, const char * what) {
-    int32_t rc = llama_process(s->ctx, LLAMA_PROCESS_TYPE_DECODE, s->batch);
-    if (rc == 0) return GLM4V_OK;
-    if (rc == 2 || s->cancel.load()) {
-        return fail(s, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
-    }
-    if (rc == 1) {
-        return fail(s, GLM4V_ERR_CONTEXT_FULL,
-                    fmt("%s: no KV cache slot available (n_ctx %u is full)", what, llama_n_ctx(s->ctx)));
-    }
-    return fail(s, GLM4V_ERR_DECODE, fmt("%s failed (llama_process returned %d)", what, rc));
-}
-
-void record_cells(glm4v_session * s, int32_t n, int32_t next, int32_t image_id) {
-    s->cell_next.insert(s->cell_next.end(), (size_t) n, next);
-    s->cell_image.insert(s->cell_image.end(), (size_t) n, image_id);
-    s->next_pos = next;
-}
-
-glm4v_status eval_text(glm4v_session * s, const int32_t * toks, int32_t n, bool want_logits_last,
-                       int32_t * pos_out) {
-    const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
-    for (int32_t i = 0; i < n; ++i) {
-        if (toks[i] < 0 || toks[i] >= n_vocab) {
-            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("token id %d is outside the vocabulary (0..%d)", toks[i], n_vocab - 1));
-        }
-    }
-    for (int32_t off = 0; off < n; off += s->n_batch) {
-        const int32_t m = std::min(s->n_batch, n - off);
-        llama_batch_ext_clear(s->batch);
-        for (int32_t i = 0; i < m; ++i) {
-            const int32_t idx = llama_batch_ext_add_token(s->batch, 0, toks[off + i]);
-            if (idx < 0) return fail(s, GLM4V_ERR_INTERNAL, "batch full");
-            const llama_pos p = s->next_pos + i;
-            llama_batch_ext_set_pos(s->batch, idx, &p);
-            if (want_logits_last && off + i == n - 1) {
-                llama_batch_ext_set_output_logits(s->batch, idx, true);
-            }
-        }
-        glm4v_status st = run_batch(s, "prompt evaluation");
-        if (st != GLM4V_OK) return st;
-        if (pos_out) {
-            for (int32_t i = 0; i < m; ++i) {
-                for (int k = 0; k < 3; ++k) pos_out[(size_t) (off + i) * 3 + k] = s->next_pos + i;
-            }
-        }
-        // Text advances one position per token (transformers get_rope_index).
-        for (int32_t i = 0; i < m; ++i) record_cells(s, 1, s->next_pos + 1, 0);
-    }
-    return GLM4V_OK;
-}
-
-glm4v_status eval_image(glm4v_session * s, const glm4v_part * img, bool want_logits_last, int32_t * pos_out) {
-    const int32_t n_embd = img->n_embd;
-    const int32_t st = s->next_pos;
-    const int32_t n = img->rows * img->cols;
-    const int32_t image_id = ++s->n_images_seen;
-    for (int32_t off = 0; off < n; off += s->n_batch) {
-        const int32_t m = std::min(s->n_batch, n - off);
-        llama_batch_ext_clear(s->batch);
-        for (int32_t i = 0; i < m; ++i) {
-            const int32_t j = off + i;
-            const llama_embd e = {img->embd + (size_t) j * n_embd, 1, (size_t) n_embd};
-            const int32_t idx = llama_batch_ext_add_embd(s->batch, 0, e);
-            if (idx < 0) return fail(s, GLM4V_ERR_INTERNAL, "batch full");
-            // Merged-grid token (r, c) sits at (t, h, w) = (st, st + r, st + c):
-            // transformers Glm4vModel.get_rope_index. Section order in the batch is t, h, w.
-            const int32_t r = j / img->cols, c = j % img->cols;
-            llama_pos p[4] = {st, st + r, st + c, 0};
-            if (!s->use_mrope) {
-                p[0] = p[1] = p[2] = p[3] = st + j;
-            }
-            llama_batch_ext_set_pos(s->batch, idx, p);
-            if (pos_out) {
-                pos_out[(size_t) j * 3 + 0] = p[0];
-                pos_out[(size_t) j * 3 + 1] = p[1];
-                pos_out[(size_t) j * 3 + 2] = p[2];
-            }
-            if (want_logits_last && j == n - 1) {
-                llama_batch_ext_set_output_logits(s->batch, idx, true);
-            }
-        }
-        glm4v_status stt = run_batch(s, "image evaluation");
-        if (stt != GLM4V_OK) return stt;
-        // An image fills rows*cols cells but moves the position by max(rows, cols).
-        const int32_t next = s->use_mrope ? st + std::max(img->rows, img->cols) : st + off + m;
-        record_cells(s, m, next, image_id);
-    }
-    return GLM4V_OK;
-}
-
-void reset_generation(glm4v_session * s) {
-    if (s->smpl) {
-        llama_sampler_free(s->smpl);
-        s->smpl = nullptr;
-    }
-    s->gen_active = false;
-    s->pending_token = -1;
-    s->pending_text.clear();
-    s->finish = GLM4V_FINISH_NONE;
-    s->n_generated = 0;
-}
-
-// Keep exactly the first n cells of the KV cache.
-glm4v_status truncate_cells(glm4v_session * s, int32_t n) {
-    const int32_t have = (int32_t) s->cell_next.size();
-    if (n < 0 || n > have) {
-        return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("cannot keep %d cells: the cache holds %d", n, have));
-    }
-    if (n == have) return GLM4V_OK;
-    // Cells of one image share their temporal position, so a cut inside one is refused.
-    if (n > 0 && s->cell_image[(size_t) n] != 0 && s->cell_image[(size_t) n] == s->cell_image[(size_t) n - 1]) {
-        return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("cannot keep %d cells: that cuts through an image", n));
-    }
-    // Every later cell has a temporal position >= the position that followed cell n-1.
-    const int32_t p0 = n == 0 ? 0 : s->cell_next[(size_t) n - 1];
-    llama_memory_t mem = llama_get_memory(s->ctx);
-    if (!llama_memory_seq_rm(mem, 0, p0, -1)) {
-        return fail(s, GLM4V_ERR_INTERNAL, fmt("could not remove KV cells from position %d", p0));
-    }
-    s->cell_next.resize((size_t) n);
-    s->cell_image.resize((size_t) n);
-    s->next_pos = p0;
-    s->have_logits = false;
-    return GLM4V_OK;
 }
 
 ggml_type kv_type_checked(int32_t t, bool & ok) {
@@ -348,12 +153,6 @@ ggml_type kv_type_checked(int32_t t, bool & ok) {
 }
 
 }  // namespace
-
-glm4v_status glm4v_fail_global(glm4v_status st, const std::string & msg) { return fail(nullptr, st, msg); }
-void glm4v_begin_global_call() {
-    install_log_once();
-    begin_call(nullptr);
-}
 
 // ---------------------------------------------------------------------------------------
 // library
@@ -610,328 +409,6 @@ int32_t glm4v_token_id(glm4v_session * s, const char * piece) {
     // Only an exact special piece counts, not an ordinary token that happens to match.
     const char * text = llama_vocab_get_text(s->vocab, tok[0]);
     return (text && strcmp(text, piece) == 0) ? tok[0] : -1;
-}
-
-// ---------------------------------------------------------------------------------------
-// images
-// ---------------------------------------------------------------------------------------
-
-glm4v_status glm4v_encode_image(glm4v_session * s, const uint8_t * rgb, int32_t width, int32_t height,
-                                glm4v_image ** out) {
-    if (!s || !out) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
-    *out = nullptr;
-    if (!s->mctx) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no projector (mmproj) is loaded: images are unavailable");
-    if (!rgb || width <= 0 || height <= 0) {
-        return fail(s, GLM4V_ERR_IMAGE, fmt("invalid image size %dx%d", width, height));
-    }
-    s->cancel.store(false);
-    mtmd_bitmap * bmp = nullptr;
-    mtmd_input_chunks * chunks = nullptr;
-    glm4v_image * img = nullptr;
-    auto cleanup = [&] {
-        if (bmp) mtmd_bitmap_free(bmp);
-        if (chunks) mtmd_input_chunks_free(chunks);
-    };
-    try {
-        const double t0 = now_ms();
-        bmp = mtmd_bitmap_init((uint32_t) width, (uint32_t) height, rgb);
-        chunks = mtmd_input_chunks_init();
-        const char * marker = mtmd_default_marker();
-        mtmd_input_text txt = {marker, strlen(marker), false, true};
-        const mtmd_bitmap * bmps[1] = {bmp};
-        int32_t rc = mtmd_tokenize(s->mctx, chunks, &txt, bmps, 1);
-        if (rc != 0) {
-            cleanup();
-            return fail(s, GLM4V_ERR_IMAGE, fmt("the engine could not preprocess a %dx%d image (code %d)", width, height, rc));
-        }
-        const mtmd_input_chunk * chunk = nullptr;
-        for (size_t i = 0; i < mtmd_input_chunks_size(chunks); ++i) {
-            const mtmd_input_chunk * c = mtmd_input_chunks_get(chunks, i);
-            if (mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_IMAGE) chunk = c;
-        }
-        if (!chunk) {
-            cleanup();
-            return fail(s, GLM4V_ERR_INTERNAL, "the engine produced no image chunk");
-        }
-        const mtmd_image_tokens * it = mtmd_input_chunk_get_tokens_image(chunk);
-        const int32_t n_tokens = (int32_t) mtmd_image_tokens_get_n_tokens(it);
-        const mtmd_decoder_pos last = mtmd_image_tokens_get_decoder_pos(it, 0, (size_t) n_tokens - 1);
-        rc = mtmd_encode_chunk(s->mctx, chunk);
-        if (rc != 0) {
-            cleanup();
-            if (s->cancel.load()) return fail(s, GLM4V_ERR_CANCELLED, "image encoding cancelled");
-            return fail(s, GLM4V_ERR_IMAGE, fmt("image encoding failed (code %d)", rc));
-        }
-        const float * embd = mtmd_get_output_embd(s->mctx);
-        img = new glm4v_image();
-        img->n_tokens = n_tokens;
-        img->n_embd = llama_model_n_embd_inp(s->model);
-        img->cols = (int32_t) last.x + 1;
-        img->rows = (int32_t) last.y + 1;
-        if (img->rows * img->cols != n_tokens) {
-            // Non-grid layouts cannot occur for GLM4V; keep positions well defined anyway.
-            img->rows = 1;
-            img->cols = n_tokens;
-        }
-        img->data.assign(embd, embd + (size_t) n_tokens * (size_t) img->n_embd);
-        cleanup();
-        s->timings.t_encode_ms = now_ms() - t0;
-        *out = img;
-        return GLM4V_OK;
-    }
-    catch (const std::exception & e) {
-        cleanup();
-        delete img;
-        return fail(s, GLM4V_ERR_INTERNAL, std::string("image encoding failed: ") + e.what());
-    }
-}
-
-void glm4v_image_free(glm4v_image * img) { delete img; }
-int32_t glm4v_image_n_tokens(const glm4v_image * img) { return img ? img->n_tokens : 0; }
-int32_t glm4v_image_n_embd(const glm4v_image * img) { return img ? img->n_embd : 0; }
-int32_t glm4v_image_rows(const glm4v_image * img) { return img ? img->rows : 0; }
-int32_t glm4v_image_cols(const glm4v_image * img) { return img ? img->cols : 0; }
-const float * glm4v_image_data(const glm4v_image * img) { return img ? img->data.data() : nullptr; }
-
-// ---------------------------------------------------------------------------------------
-// KV cache and prompt evaluation
-// ---------------------------------------------------------------------------------------
-
-int32_t glm4v_n_cells(const glm4v_session * s) { return s ? (int32_t) s->cell_next.size() : 0; }
-int32_t glm4v_next_pos(const glm4v_session * s) { return s ? s->next_pos : 0; }
-
-glm4v_status glm4v_kv_truncate(glm4v_session * s, int32_t n_cells) {
-    if (!s) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
-    try {
-        reset_generation(s);
-        return truncate_cells(s, n_cells);
-    }
-    GLM4V_GUARD(s)
-}
-
-glm4v_status glm4v_eval(glm4v_session * s, const glm4v_part * parts, int32_t n_parts, int32_t * positions_out,
-                        int32_t positions_cap) {
-    if (!s || (!parts && n_parts > 0) || n_parts < 0) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
-    try {
-        reset_generation(s);
-        s->cancel.store(false);
-        int64_t total = 0;
-        for (int32_t i = 0; i < n_parts; ++i) {
-            const glm4v_part & p = parts[i];
-            if (p.embd && p.tokens) {
-                return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d has both tokens and an image", i));
-            }
-            if (p.embd) {
-                const int32_t n_embd = llama_model_n_embd_inp(s->model);
-                if (p.rows <= 0 || p.cols <= 0 || p.rows > 65536 || p.cols > 65536) {
-                    return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d: invalid image grid %dx%d", i, p.rows, p.cols));
-                }
-                if (p.n_embd != n_embd) {
-                    return fail(s, GLM4V_ERR_INVALID_ARGUMENT,
-                                fmt("part %d: image embedding width %d does not match the model's %d", i, p.n_embd, n_embd));
-                }
-                total += (int64_t) p.rows * p.cols;
-            } else {
-                if (p.n_tokens < 0 || (p.n_tokens > 0 && !p.tokens)) {
-                    return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d has an invalid token array", i));
-                }
-                total += p.n_tokens;
-            }
-        }
-        if (total == 0) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "the prompt is empty");
-        const int64_t n_ctx = (int64_t) llama_n_ctx(s->ctx);
-        const int64_t have = (int64_t) s->cell_next.size();
-        if (have + total > n_ctx) {
-            return fail(s, GLM4V_ERR_CONTEXT_FULL,
-                        fmt("the prompt needs %lld KV cells but only %lld of n_ctx=%lld are free",
-                            (long long) total, (long long) (n_ctx - have), (long long) n_ctx));
-        }
-        if (positions_out && positions_cap < total) {
-            return fail(s, GLM4V_ERR_BUFFER_TOO_SMALL, "positions buffer too small");
-        }
-        const double t0 = now_ms();
-        const int32_t start_cells = (int32_t) have;
-        int64_t done = 0;
-        glm4v_status st = GLM4V_OK;
-        for (int32_t i = 0; i < n_parts && st == GLM4V_OK; ++i) {
-            const bool last = (i == n_parts - 1);
-            int32_t * pos = positions_out ? positions_out + done * 3 : nullptr;
-            if (parts[i].embd) {
-                st = eval_image(s, &parts[i], last, pos);
-                done += (int64_t) parts[i].rows * parts[i].cols;
-            } else if (parts[i].n_tokens > 0) {
-                st = eval_text(s, parts[i].tokens, parts[i].n_tokens, last, pos);
-                done += parts[i].n_tokens;
-            } else if (last) {
-                // An empty last part: the logits of the previous part are not requested.
-                st = fail(s, GLM4V_ERR_INVALID_ARGUMENT, "the last prompt part is empty");
-            }
-        }
-        if (st != GLM4V_OK) {
-            // Leave the cache as it was before the call: the failed call changes nothing.
-            std::string msg = s->last_error;
-            truncate_cells(s, start_cells);
-            s->last_error = msg;
-            return st;
-        }
-        s->have_logits = true;
-        s->timings.t_eval_ms = now_ms() - t0;
-        s->timings.n_eval = (int32_t) total;
-        return GLM4V_OK;
-    }
-    GLM4V_GUARD(s)
-}
-
-glm4v_status glm4v_get_logits(glm4v_session * s, float * out, int32_t cap) {
-    if (!s || !out) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
-    const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
-    if (cap < n_vocab) return fail(s, GLM4V_ERR_BUFFER_TOO_SMALL, "logits buffer too small");
-    if (!s->have_logits) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no logits: evaluate a prompt first");
-    const float * l = llama_get_logits_ith(s->ctx, -1);
-    if (!l) return fail(s, GLM4V_ERR_INTERNAL, "the engine returned no logits");
-    memcpy(out, l, sizeof(float) * (size_t) n_vocab);
-    return GLM4V_OK;
-}
-
-// ---------------------------------------------------------------------------------------
-// generation
-// ---------------------------------------------------------------------------------------
-
-glm4v_status glm4v_gen_begin(glm4v_session * s, const glm4v_sampling * sp, const int32_t * stop_tokens,
-                             int32_t n_stop, int32_t max_tokens) {
-    if (!s || !sp || n_stop < 0 || (n_stop > 0 && !stop_tokens)) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
-    try {
-        if (!s->have_logits) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "evaluate a prompt before generating");
-        if (max_tokens < 0) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "max_tokens must be >= 0");
-        reset_generation(s);
-        const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
-        llama_sampler_chain_params cparams = llama_sampler_chain_default_params();
-        cparams.no_perf = true;
-        llama_sampler * chain = llama_sampler_chain_init(cparams);
-        if (sp->repeat_penalty != 1.0f || sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f) {
-            const int32_t last_n = sp->repeat_last_n < 0 ? (int32_t) llama_n_ctx(s->ctx) : sp->repeat_last_n;
-            llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, last_n, sp->repeat_penalty,
-                                                                        sp->frequency_penalty, sp->presence_penalty));
-        }
-        if (sp->temperature <= 0.0f) {
-            llama_sampler_chain_add(chain, llama_sampler_init_greedy());
-        } else {
-            // The order of transformers' logits processors: temperature, top-k, top-p, min-p.
-            llama_sampler_chain_add(chain, llama_sampler_init_temp(sp->temperature));
-            if (sp->top_k > 0) llama_sampler_chain_add(chain, llama_sampler_init_top_k(sp->top_k));
-            if (sp->top_p < 1.0f) llama_sampler_chain_add(chain, llama_sampler_init_top_p(sp->top_p, 1));
-            if (sp->min_p > 0.0f) llama_sampler_chain_add(chain, llama_sampler_init_min_p(sp->min_p, 1));
-            llama_sampler_chain_add(chain, llama_sampler_init_dist(sp->seed));
-        }
-        s->smpl = chain;
-        s->stop_tokens.assign(stop_tokens, stop_tokens + n_stop);
-        s->max_tokens = max_tokens;
-        s->gen_active = true;
-        s->cancel.store(false);
-        s->timings.t_sample_ms = 0;
-        s->timings.t_decode_ms = 0;
-        s->timings.n_decode = 0;
-        if (max_tokens == 0) s->finish = GLM4V_FINISH_LENGTH;
-        return GLM4V_OK;
-    }
-    GLM4V_GUARD(s)
-}
-
-glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_out, int32_t text_cap,
-                            int32_t * text_len, int32_t * tokens_out, int32_t tokens_cap, int32_t * n_tokens,
-                            int32_t * finish, int32_t * stop_token) {
-    if (!s || !text_out || !text_len || !n_tokens || !finish || !stop_token || text_cap < 8 ||
-        (tokens_cap > 0 && !tokens_out) || max_steps <= 0) {
-        return GLM4V_ERR_INVALID_ARGUMENT;
-    }
-    begin_call(s);
-    *text_len = 0;
-    *n_tokens = 0;
-    *finish = GLM4V_FINISH_NONE;
-    *stop_token = -1;
-    if (!s->gen_active) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no generation in progress: call gen_begin first");
-    try {
-        char piece[256];
-        const int32_t n_ctx = (int32_t) llama_n_ctx(s->ctx);
-        int32_t steps = 0;
-        while (s->finish == GLM4V_FINISH_NONE && steps < max_steps && *n_tokens < tokens_cap &&
-               (int32_t) s->pending_text.size() < text_cap / 2) {
-            if (s->cancel.load()) {
-                s->finish = GLM4V_FINISH_CANCELLED;
-                break;
-            }
-            // Decode the token emitted by the previous step, so that the cache always holds
-            // everything but the last emitted token (which is decoded only if needed).
-            if (s->pending_token >= 0) {
-                if ((int32_t) s->cell_next.size() >= n_ctx) {
-                    s->finish = GLM4V_FINISH_CONTEXT;
-                    break;
-                }
-                const double t0 = now_ms();
-                llama_batch_ext_clear(s->batch);
-                const int32_t idx = llama_batch_ext_add_token(s->batch, 0, s->pending_token);
-                const llama_pos p = s->next_pos;
-                llama_batch_ext_set_pos(s->batch, idx, &p);
-                llama_batch_ext_set_output_logits(s->batch, idx, true);
-                glm4v_status st = run_batch(s, "decoding");
-                if (st == GLM4V_ERR_CANCELLED) {
-                    s->finish = GLM4V_FINISH_CANCELLED;
-                    s->last_error.clear();
-                    break;
-                }
-                if (st != GLM4V_OK) {
-                    s->gen_active = false;
-                    return st;
-                }
-                record_cells(s, 1, s->next_pos + 1, 0);
-                s->pending_token = -1;
-                s->timings.t_decode_ms += now_ms() - t0;
-                s->timings.n_decode += 1;
-            }
-            const double t1 = now_ms();
-            const llama_token tok = llama_sampler_sample(s->smpl, s->ctx, -1);
-            s->timings.t_sample_ms += now_ms() - t1;
-            ++steps;
-            if (std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end()) {
-                s->finish = GLM4V_FINISH_STOP;
-                *stop_token = tok;
-                break;
-            }
-            // Render special pieces: grounding markers (<|begin_of_box|>) are special tokens.
-            int32_t n = llama_token_to_piece(s->vocab, tok, piece, sizeof(piece), 0, true);
-            if (n > 0) s->pending_text.append(piece, (size_t) n);
-            tokens_out[(*n_tokens)++] = tok;
-            s->pending_token = tok;
-            s->n_generated += 1;
-            s->have_logits = false;
-            if (s->n_generated >= s->max_tokens) {
-                s->finish = GLM4V_FINISH_LENGTH;
-            }
-        }
-        // Hand out complete UTF-8 text; at the end, everything.
-        size_t n_out = s->finish != GLM4V_FINISH_NONE ? s->pending_text.size() : utf8_complete_prefix(s->pending_text);
-        if (n_out > (size_t) text_cap) {
-            n_out = utf8_complete_prefix(s->pending_text.substr(0, (size_t) text_cap));
-        }
-        memcpy(text_out, s->pending_text.data(), n_out);
-        s->pending_text.erase(0, n_out);
-        *text_len = (int32_t) n_out;
-        if (s->finish != GLM4V_FINISH_NONE && s->pending_text.empty()) {
-            *finish = s->finish;
-            s->gen_active = false;
-            if (s->smpl) {
-                llama_sampler_free(s->smpl);
-                s->smpl = nullptr;
-            }
-        }
-        return GLM4V_OK;
-    }
-    GLM4V_GUARD(s)
 }
 
 }  // extern "C"

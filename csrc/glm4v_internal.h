@@ -1,12 +1,101 @@
-// Internal helpers shared by the C API's translation units (not part of the API).
+// Internal declarations shared by the C API's translation units (not part of the API).
 #pragma once
 
 #include "glm4v.h"
 
-#include <string>
+#include "llama.h"
+#include "mtmd.h"
 
-// Record a session-less error (glm4v_last_global_error) with the engine's ERROR log lines
-// of the current call appended, and return st.
-glm4v_status glm4v_fail_global(glm4v_status st, const std::string & msg);
-// Start of a session-less call: forget engine errors of earlier calls.
-void glm4v_begin_global_call();
+#include <atomic>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// ---------------------------------------------------------------------------------------
+// handles
+// ---------------------------------------------------------------------------------------
+
+struct glm4v_image {
+    int32_t n_tokens = 0;
+    int32_t n_embd = 0;
+    int32_t rows = 0;
+    int32_t cols = 0;
+    std::vector<float> data;
+};
+
+struct glm4v_session {
+    llama_model * model = nullptr;
+    llama_context * ctx = nullptr;
+    mtmd_context * mctx = nullptr;
+    const llama_vocab * vocab = nullptr;
+    llama_batch_ext * batch = nullptr;
+    int32_t n_batch = 512;
+    bool use_mrope = false;
+
+    std::string last_error;
+    std::atomic<bool> cancel{false};
+
+    // KV bookkeeping: for every cell, the position the next cell would take after it, and
+    // which image it belongs to (0 for text).
+    std::vector<int32_t> cell_next;
+    std::vector<int32_t> cell_image;
+    int32_t n_images_seen = 0;
+    int32_t next_pos = 0;
+    bool have_logits = false;
+
+    // generation state
+    llama_sampler * smpl = nullptr;
+    std::vector<int32_t> stop_tokens;
+    int32_t max_tokens = 0;
+    int32_t n_generated = 0;
+    int32_t pending_token = -1;  // sampled and emitted, not yet decoded
+    std::string pending_text;    // bytes not yet returned (incomplete UTF-8 or no room)
+    int32_t finish = GLM4V_FINISH_NONE;
+    bool gen_active = false;
+
+    glm4v_timings timings{};
+
+    ~glm4v_session() {
+        if (smpl) llama_sampler_free(smpl);
+        if (batch) llama_batch_ext_free(batch);
+        if (mctx) mtmd_free(mctx);
+        if (ctx) llama_free(ctx);
+        if (model) llama_model_free(model);
+    }
+};
+
+namespace glm4v_detail {
+
+// Record msg (with the engine's ERROR log lines of the current call appended) as the last
+// error of s, or of this thread when s is NULL; returns st.
+glm4v_status fail(glm4v_session * s, glm4v_status st, const std::string & msg);
+// Start of every API call: forget engine errors of earlier calls.
+void begin_call(glm4v_session * s);
+// Initialise the backend and route engine logs through our callback (once per process).
+void install_log_once();
+std::string fmt(const char * f, ...);
+double now_ms();
+// Length of the longest prefix of s that does not end inside a UTF-8 sequence.
+size_t utf8_complete_prefix(const std::string & s);
+
+// glm4v_eval.cpp
+glm4v_status run_batch(glm4v_session * s, const char * what);
+void record_cells(glm4v_session * s, int32_t n, int32_t next, int32_t image_id);
+void reset_generation(glm4v_session * s);
+glm4v_status truncate_cells(glm4v_session * s, int32_t n);
+
+}  // namespace glm4v_detail
+
+// Closes a try block of an exported function: exceptions never cross the C boundary.
+#define GLM4V_GUARD(s)                                                                      \
+    catch (const std::bad_alloc &) {                                                        \
+        return glm4v_detail::fail((s), GLM4V_ERR_INTERNAL, "out of memory");                              \
+    }                                                                                       \
+    catch (const std::exception & e) {                                                      \
+        return glm4v_detail::fail((s), GLM4V_ERR_INTERNAL, std::string("internal error: ") + e.what());    \
+    }                                                                                       \
+    catch (...) {                                                                           \
+        return glm4v_detail::fail((s), GLM4V_ERR_INTERNAL, "internal error");                             \
+    }
+

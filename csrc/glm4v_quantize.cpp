@@ -1,7 +1,6 @@
 // Quantization of text-model GGUFs with the engine's own quantizer (llama_model_quantize),
 // so one command goes from a Hugging Face checkpoint to a K-quant file.
 
-#include "glm4v.h"
 #include "glm4v_internal.h"
 
 #include "llama.h"
@@ -34,9 +33,10 @@ const ftype_name k_ftypes[] = {
 
 extern "C" glm4v_status glm4v_quantize(const char * src_path, const char * dst_path, const char * ftype,
                                        int32_t n_threads) {
-    glm4v_begin_global_call();
+    glm4v_detail::install_log_once();
+    glm4v_detail::begin_call(nullptr);
     if (!src_path || !dst_path || !ftype) {
-        return glm4v_fail_global(GLM4V_ERR_INVALID_ARGUMENT, "source, destination and type are required");
+        return glm4v_detail::fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "source, destination and type are required");
     }
     const ftype_name * found = nullptr;
     std::string valid;
@@ -45,7 +45,7 @@ extern "C" glm4v_status glm4v_quantize(const char * src_path, const char * dst_p
         valid += valid.empty() ? f.name : std::string(", ") + f.name;
     }
     if (!found) {
-        return glm4v_fail_global(GLM4V_ERR_INVALID_ARGUMENT,
+        return glm4v_detail::fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT,
                                  std::string("unknown quantization type '") + ftype + "' (valid: " + valid + ")");
     }
     try {
@@ -54,10 +54,10 @@ extern "C" glm4v_status glm4v_quantize(const char * src_path, const char * dst_p
         qp.ftype = found->ftype;
         const uint32_t rc = llama_model_quantize(src_path, dst_path, &qp);
         if (rc != 0) {
-            return glm4v_fail_global(GLM4V_ERR_LOAD, std::string("quantizing '") + src_path + "' failed");
+            return glm4v_detail::fail(nullptr, GLM4V_ERR_LOAD, std::string("quantizing '") + src_path + "' failed");
         }
         return GLM4V_OK;
     } catch (const std::exception & e) {
-        return glm4v_fail_global(GLM4V_ERR_INTERNAL, std::string("quantizing failed: ") + e.what());
+        return glm4v_detail::fail(nullptr, GLM4V_ERR_INTERNAL, std::string("quantizing failed: ") + e.what());
     }
 }

@@ -1,0 +1,149 @@
+// glm4v-mtmd C API: the sample -> decode loop, run in C so Python only asks for text.
+
+#include "glm4v_internal.h"
+
+#include <algorithm>
+#include <cstring>
+
+using namespace glm4v_detail;
+
+extern "C" {
+
+// ---------------------------------------------------------------------------------------
+// generation
+// ---------------------------------------------------------------------------------------
+
+glm4v_status glm4v_gen_begin(glm4v_session * s, const glm4v_sampling * sp, const int32_t * stop_tokens,
+                             int32_t n_stop, int32_t max_tokens) {
+    if (!s || !sp || n_stop < 0 || (n_stop > 0 && !stop_tokens)) return GLM4V_ERR_INVALID_ARGUMENT;
+    begin_call(s);
+    try {
+        if (!s->have_logits) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "evaluate a prompt before generating");
+        if (max_tokens < 0) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "max_tokens must be >= 0");
+        reset_generation(s);
+        const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
+        llama_sampler_chain_params cparams = llama_sampler_chain_default_params();
+        cparams.no_perf = true;
+        llama_sampler * chain = llama_sampler_chain_init(cparams);
+        if (sp->repeat_penalty != 1.0f || sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f) {
+            const int32_t last_n = sp->repeat_last_n < 0 ? (int32_t) llama_n_ctx(s->ctx) : sp->repeat_last_n;
+            llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, last_n, sp->repeat_penalty,
+                                                                        sp->frequency_penalty, sp->presence_penalty));
+        }
+        if (sp->temperature <= 0.0f) {
+            llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+        } else {
+            // The order of transformers' logits processors: temperature, top-k, top-p, min-p.
+            llama_sampler_chain_add(chain, llama_sampler_init_temp(sp->temperature));
+            if (sp->top_k > 0) llama_sampler_chain_add(chain, llama_sampler_init_top_k(sp->top_k));
+            if (sp->top_p < 1.0f) llama_sampler_chain_add(chain, llama_sampler_init_top_p(sp->top_p, 1));
+            if (sp->min_p > 0.0f) llama_sampler_chain_add(chain, llama_sampler_init_min_p(sp->min_p, 1));
+            llama_sampler_chain_add(chain, llama_sampler_init_dist(sp->seed));
+        }
+        s->smpl = chain;
+        s->stop_tokens.assign(stop_tokens, stop_tokens + n_stop);
+        s->max_tokens = max_tokens;
+        s->gen_active = true;
+        s->cancel.store(false);
+        s->timings.t_sample_ms = 0;
+        s->timings.t_decode_ms = 0;
+        s->timings.n_decode = 0;
+        if (max_tokens == 0) s->finish = GLM4V_FINISH_LENGTH;
+        return GLM4V_OK;
+    }
+    GLM4V_GUARD(s)
+}
+
+glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_out, int32_t text_cap,
+                            int32_t * text_len, int32_t * tokens_out, int32_t tokens_cap, int32_t * n_tokens,
+                            int32_t * finish, int32_t * stop_token) {
+    if (!s || !text_out || !text_len || !n_tokens || !finish || !stop_token || text_cap < 8 ||
+        (tokens_cap > 0 && !tokens_out) || max_steps <= 0) {
+        return GLM4V_ERR_INVALID_ARGUMENT;
+    }
+    begin_call(s);
+    *text_len = 0;
+    *n_tokens = 0;
+    *finish = GLM4V_FINISH_NONE;
+    *stop_token = -1;
+    if (!s->gen_active) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no generation in progress: call gen_begin first");
+    try {
+        char piece[256];
+        const int32_t n_ctx = (int32_t) llama_n_ctx(s->ctx);
+        int32_t steps = 0;
+        while (s->finish == GLM4V_FINISH_NONE && steps < max_steps && *n_tokens < tokens_cap &&
+               (int32_t) s->pending_text.size() < text_cap / 2) {
+            if (s->cancel.load()) {
+                s->finish = GLM4V_FINISH_CANCELLED;
+                break;
+            }
+            // Decode the token emitted by the previous step, so that the cache always holds
+            // everything but the last emitted token (which is decoded only if needed).
+            if (s->pending_token >= 0) {
+                if ((int32_t) s->cell_next.size() >= n_ctx) {
+                    s->finish = GLM4V_FINISH_CONTEXT;
+                    break;
+                }
+                const double t0 = now_ms();
+                llama_batch_ext_clear(s->batch);
+                const int32_t idx = llama_batch_ext_add_token(s->batch, 0, s->pending_token);
+                const llama_pos p = s->next_pos;
+                llama_batch_ext_set_pos(s->batch, idx, &p);
+                llama_batch_ext_set_output_logits(s->batch, idx, true);
+                glm4v_status st = run_batch(s, "decoding");
+                if (st == GLM4V_ERR_CANCELLED) {
+                    s->finish = GLM4V_FINISH_CANCELLED;
+                    s->last_error.clear();
+                    break;
+                }
+                if (st != GLM4V_OK) {
+                    s->gen_active = false;
+                    return st;
+                }
+                record_cells(s, 1, s->next_pos + 1, 0);
+                s->pending_token = -1;
+                s->timings.t_decode_ms += now_ms() - t0;
+                s->timings.n_decode += 1;
+            }
+            const double t1 = now_ms();
+            const llama_token tok = llama_sampler_sample(s->smpl, s->ctx, -1);
+            s->timings.t_sample_ms += now_ms() - t1;
+            ++steps;
+            if (std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end()) {
+                s->finish = GLM4V_FINISH_STOP;
+                *stop_token = tok;
+                break;
+            }
+            // Render special pieces: grounding markers (<|begin_of_box|>) are special tokens.
+            int32_t n = llama_token_to_piece(s->vocab, tok, piece, sizeof(piece), 0, true);
+            if (n > 0) s->pending_text.append(piece, (size_t) n);
+            tokens_out[(*n_tokens)++] = tok;
+            s->pending_token = tok;
+            s->n_generated += 1;
+            s->have_logits = false;
+            if (s->n_generated >= s->max_tokens) {
+                s->finish = GLM4V_FINISH_LENGTH;
+            }
+        }
+        // Hand out complete UTF-8 text; at the end, everything.
+        size_t n_out = s->finish != GLM4V_FINISH_NONE ? s->pending_text.size() : utf8_complete_prefix(s->pending_text);
+        if (n_out > (size_t) text_cap) {
+            n_out = utf8_complete_prefix(s->pending_text.substr(0, (size_t) text_cap));
+        }
+        memcpy(text_out, s->pending_text.data(), n_out);
+        s->pending_text.erase(0, n_out);
+        *text_len = (int32_t) n_out;
+        if (s->finish != GLM4V_FINISH_NONE && s->pending_text.empty()) {
+            *finish = s->finish;
+            s->gen_active = false;
+            if (s->smpl) {
+                llama_sampler_free(s->smpl);
+                s->smpl = nullptr;
+            }
+        }
+        return GLM4V_OK;
+    }
+    GLM4V_GUARD(s)
+}
+
+}  // extern "C"
