@@ -389,7 +389,8 @@ def test_converter_imports_neither_torch_nor_transformers(checkpoints, tmp_path)
         "bad = [m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd: outside the source tree, so the installed package (with its compiled module) is imported
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
