@@ -408,6 +408,7 @@ class Session:
             check(lib.glm4v_kv_truncate(h, reuse), h, "evaluate")
         self._keys = self._keys[:reuse]
         self._positions = self._positions[:reuse]
+        self._generated_pending = []
         c_parts, n_new, keep = self._native_parts(segments, reuse)
         positions = np.empty((n_new, 3), dtype=np.int32)
         status = lib.glm4v_eval(h, c_parts, len(c_parts), ffi.from_buffer("int32_t[]", positions), n_new)
@@ -504,7 +505,6 @@ class Session:
         """Evaluate ``parts`` and generate a reply; the sampling loop runs in C."""
         with self._lock:
             n_prompt = self._begin(parts, config)
-            self._generated_pending = []
             chunks: list[bytes] = []
             ids: list[int] = []
             reason: Optional[FinishReason] = None
@@ -527,7 +527,6 @@ class Session:
         """
         with self._lock:
             self._begin(parts, config)
-            self._generated_pending = []
         reason: Optional[FinishReason] = None
         while reason is None:
             with self._lock:
