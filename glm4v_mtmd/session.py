@@ -158,6 +158,7 @@ class Session:
         self._keys: list[Any] = []
         self._positions = np.zeros((0, 3), dtype=np.int32)
         self._generated_pending: list[int] = []  # emitted ids not yet in the KV cache
+        self._last_reused = 0
 
     # ----------------------------------------------------------------------------- life cycle
 
@@ -416,6 +417,7 @@ class Session:
         check(status, h, "evaluate")
         self._keys = keys
         self._positions = np.concatenate([self._positions, positions])
+        self._last_reused = reuse
         return tokens, self._positions.copy(), reuse
 
     def evaluate(self, parts: Sequence[PromptPart]) -> Evaluation:
@@ -564,6 +566,48 @@ class Session:
             if status != lib.GLM4V_OK:
                 return None
             return ffi.string(buf).decode("utf-8", "replace")
+
+    # ----------------------------------------------------------------------------- chat
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The model's Jinja chat template from its GGUF metadata, if any."""
+        if not hasattr(self, "_chat_template"):
+            self._chat_template = self.metadata("tokenizer.chat_template")
+        return self._chat_template
+
+    @property
+    def chat_family(self) -> Any:
+        """The :class:`~glm4v_mtmd.chat.ChatFamily` (prompt format and default sampling) of this model."""
+        from .chat import detect_family
+
+        return detect_family(self.architecture, self.chat_template, self.metadata("general.name"))
+
+    @property
+    def last_reused(self) -> int:
+        """KV cells reused from the previous prompt by the last evaluation."""
+        return self._last_reused
+
+    def chat(self, messages: Sequence[Any], config: Optional[GenerationConfig] = None, *,
+             thinking: Optional[bool] = None) -> Any:
+        """Answer OpenAI-style ``messages``; returns a :class:`~glm4v_mtmd.chat.ChatResult`.
+
+        Messages are ``{"role": "system"|"user"|"assistant", "content": str | [parts]}`` with parts
+        ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <path|bytes|PIL|ndarray|
+        ImageEmbedding>}`` or ``{"type": "image_url", "image_url": {"url": "data:...;base64,..." | path}}``.
+        ``thinking=False`` switches reasoning off on GLM-4.5V/4.6V (``/nothink``); ``config`` defaults to
+        the model family's card values.
+        """
+        from .chat import chat
+
+        return chat(self, messages, config, thinking=thinking)
+
+    def chat_stream(self, messages: Sequence[Any], config: Optional[GenerationConfig] = None, *,
+                    thinking: Optional[bool] = None) -> Iterator[Any]:
+        """Like :meth:`chat`, yielding :class:`~glm4v_mtmd.chat.ChatChunk` s (reasoning or answer text)."""
+        from .chat import chat_stream
+
+        return chat_stream(self, messages, config, thinking=thinking)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"n_ctx={self.n_ctx}"

@@ -1,0 +1,343 @@
+"""Chat on top of :class:`~glm4v_mtmd.Session`: messages -> GLM prompt -> reasoning and answer.
+
+Prompts are rendered with the model's own Jinja chat template (from the GGUF, in a sandbox), with
+a built-in renderer of the two GLM-4.xV template families as the fallback; tests check that both
+give the same string. The rendered text's ``<|begin_of_image|><|image|><|end_of_image|>`` markers
+are replaced by the conversation's images, which the Session expands to one ``<|image|>`` per image
+token, exactly as transformers' processor does.
+"""
+
+from __future__ import annotations
+
+import base64
+import pathlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+from .errors import ConfigError
+from .types import FinishReason, GenerationConfig, Timings
+
+if TYPE_CHECKING:
+    from .session import Session
+
+IMAGE_MARKER = "<|begin_of_image|><|image|><|end_of_image|>"
+Message = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    """How a GLM-4.xV model formats and sampling defaults (from the model cards)."""
+
+    name: str
+    always_thinks: bool
+    defaults: GenerationConfig
+
+
+#: GLM-4.1V-9B-Thinking: always reasons, ``<think>…</think><answer>…</answer>``; card: temperature 1.0, top_k 2.
+GLM41V = ChatFamily(
+    "glm-4.1v-thinking", True,
+    GenerationConfig(max_tokens=8192, temperature=1.0, top_k=2, top_p=1.0, repetition_penalty=1.0),
+)
+#: GLM-4.5V / 4.6V / 4.6V-Flash: thinking switchable with ``/nothink``; card: top_p 0.6, top_k 2, T 0.8, rep 1.1.
+GLM45V = ChatFamily(
+    "glm-4.5v", False,
+    GenerationConfig(max_tokens=8192, temperature=0.8, top_k=2, top_p=0.6, repetition_penalty=1.1),
+)
+
+
+def detect_family(architecture: str, chat_template: Optional[str], name: Optional[str]) -> ChatFamily:
+    """The template family of a model from its GGUF metadata.
+
+    ``glm4moe`` is always GLM-4.5V/4.6V. A ``glm4`` model is GLM-4.6V-Flash when its template knows
+    ``/nothink`` (or its name says 4.6V), else GLM-4.1V-Thinking.
+    """
+    if architecture == "glm4moe":
+        return GLM45V
+    template = chat_template or ""
+    if "/nothink" in template or "enable_thinking" in template or re.search(r"4\.[56]V", name or "", re.I):
+        return GLM45V
+    return GLM41V
+
+
+# ----------------------------------------------------------------------------------------------- messages
+
+
+def _image_from_url(url: str) -> Any:
+    """A data URL's bytes or a local path; nothing is fetched from the network."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise ConfigError("image_url data URLs must be base64-encoded (data:image/...;base64,...)")
+        return base64.b64decode(payload, validate=False)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I):
+        raise ConfigError(f"image_url {url[:60]!r}: only data: URLs and local paths are supported (no downloads)")
+    return pathlib.Path(url)
+
+
+def normalize_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Template-ready messages (images as ``{"type": "image"}``) and the images in order of appearance."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ConfigError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out: list[dict[str, Any]] = []
+    images: list[Any] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping) or "role" not in msg:
+            raise ConfigError(f"message {i} must be a dict with 'role' and 'content'")
+        role = msg["role"]
+        if role not in ("system", "user", "assistant"):
+            raise ConfigError(f"message {i}: role {role!r} is not one of system, user, assistant")
+        content = msg.get("content", "")
+        if isinstance(content, str):
+            out.append({**msg, "content": content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": str(part.get("text", ""))})
+            elif kind == "image":
+                images.append(part["image"])
+                parts.append({"type": "image"})
+            elif kind == "image_url":
+                url = part["image_url"]["url"] if isinstance(part.get("image_url"), Mapping) else part.get("image_url")
+                images.append(_image_from_url(str(url)))
+                parts.append({"type": "image"})
+            else:
+                raise ConfigError(f"message {i}: unsupported content part {part!r} (text, image, image_url)")
+        out.append({**msg, "content": parts})
+    return out, images
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def render_template(template: str, messages: list[dict[str, Any]], *, enable_thinking: Optional[bool],
+                    add_generation_prompt: bool = True) -> str:
+    """Render a chat template as transformers' ``apply_chat_template`` does, in a Jinja sandbox."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    # transformers.utils.chat_template_utils._compile_jinja_template: same options and helpers.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    kwargs: dict[str, Any] = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+    if enable_thinking is not None:
+        kwargs["enable_thinking"] = enable_thinking
+    try:
+        return env.from_string(template).render(**kwargs)
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"the model's chat template failed to render: {exc}") from exc
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(IMAGE_MARKER if p["type"] == "image" else p["text"] for p in content)
+
+
+def render_builtin(family: ChatFamily, messages: list[dict[str, Any]], *, enable_thinking: Optional[bool]) -> str:
+    """The fallback renderer: the published GLM-4.1V / GLM-4.5V templates, written out in Python."""
+    if family is GLM41V:
+        return _render_glm41v(messages)
+    return _render_glm45v(messages, enable_thinking)
+
+
+def _render_glm41v(messages: list[dict[str, Any]]) -> str:
+    out = ["[gMASK]<sop>"]
+    for m in messages:
+        if m["role"] == "system":
+            out.append(f"<|system|>\n{_text_of(m['content'])}")
+        elif m["role"] == "user":
+            out.append(f"<|user|>\n{_text_of(m['content'])}")
+        elif m.get("metadata"):
+            out.append(f"<|assistant|>{m['metadata']}\n{_text_of(m['content'])}")
+        else:
+            out.append(f"<|assistant|>\n{_text_of(m['content'])}")
+    out.append("<|assistant|>\n")
+    return "".join(out)
+
+
+def _render_glm45v(messages: list[dict[str, Any]], enable_thinking: Optional[bool]) -> str:
+    nothink = enable_thinking is not None and not enable_thinking
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    out = ["[gMASK]<sop>"]
+    for i, m in enumerate(messages):
+        text = _text_of(m["content"])
+        if m["role"] == "system":
+            out.append(f"<|system|>\n{text}")
+        elif m["role"] == "user":
+            out.append(f"<|user|>\n{text}")
+            if nothink and not text.endswith("/nothink"):
+                out.append("/nothink")
+        else:
+            reasoning, content = m.get("reasoning_content"), text
+            if not isinstance(reasoning, str):
+                reasoning = ""
+                if "</think>" in content:
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+            keep = i > last_user and reasoning
+            out.append(f"<|assistant|>\n<think>{reasoning.strip() if keep else ''}</think>")
+            if content.strip():
+                out.append("\n" + content.strip())
+    out.append("<|assistant|>\n<think></think>\n" if nothink else "<|assistant|>\n")
+    return "".join(out)
+
+
+def prompt_parts(rendered: str, images: list[Any]) -> list[Any]:
+    """Split a rendered prompt at the image markers and put the images there."""
+    pieces = rendered.split(IMAGE_MARKER)
+    if len(pieces) - 1 != len(images):
+        raise ConfigError(
+            f"the chat template placed {len(pieces) - 1} image markers for {len(images)} images in the messages"
+        )
+    parts: list[Any] = []
+    for i, text in enumerate(pieces):
+        if text:
+            parts.append(text)
+        if i < len(images):
+            parts.append(images[i])
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token accounting of one chat call, in KV cells where it concerns the cache."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    kv_cells: int
+    reused_cells: int
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The reply to :meth:`Session.chat`: reasoning and answer split, raw text, accounting."""
+
+    reasoning: str
+    answer: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    boxes: tuple[Any, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """A piece of a streamed reply; ``kind`` says whether it is reasoning or answer text."""
+
+    text: str
+    kind: Literal["reasoning", "answer"]
+    finish_reason: Optional[FinishReason] = None
+
+
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class OutputSplitter:
+    """Incremental split of generated text into reasoning and answer (tags removed).
+
+    Handles tags split across chunks by holding back a possible tag prefix.
+    """
+
+    def __init__(self, thinking: bool) -> None:
+        # When the prompt already closed the think block (thinking off), everything is answer.
+        self.kind: Literal["reasoning", "answer"] = "answer"
+        self._thinking = thinking
+        self._buf = ""
+
+    def feed(self, text: str, final: bool = False) -> list[tuple[str, Literal["reasoning", "answer"]]]:
+        self._buf += text
+        out: list[tuple[str, Literal["reasoning", "answer"]]] = []
+        while self._buf:
+            idx = self._buf.find("<")
+            if idx < 0:
+                out.append((self._buf, self.kind))
+                self._buf = ""
+                break
+            if idx > 0:
+                out.append((self._buf[:idx], self.kind))
+                self._buf = self._buf[idx:]
+            tag = next((t for t in _TAGS if self._buf.startswith(t)), None)
+            if tag:
+                self._buf = self._buf[len(tag):]
+                if tag == "<think>" and self._thinking:
+                    self.kind = "reasoning"
+                elif tag in ("</think>", "<answer>", "</answer>"):
+                    self.kind = "answer"
+                continue
+            if not final and any(t.startswith(self._buf) for t in _TAGS):
+                break  # maybe the start of a tag: wait for more text
+            out.append((self._buf[0], self.kind))
+            self._buf = self._buf[1:]
+        return [(t, k) for t, k in out if t]
+
+
+def split_output(text: str, thinking: bool = True) -> tuple[str, str]:
+    """(reasoning, answer) of a complete reply, tags removed and whitespace stripped."""
+    splitter = OutputSplitter(thinking)
+    reasoning, answer = [], []
+    for piece, kind in splitter.feed(text, final=True):
+        (reasoning if kind == "reasoning" else answer).append(piece)
+    return "".join(reasoning).strip(), "".join(answer).strip()
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def build_prompt(session: Session, messages: Sequence[Message], thinking: Optional[bool]) -> tuple[list[Any], bool]:
+    """Prompt parts for ``messages`` and whether the reply starts in thinking mode."""
+    family = session.chat_family
+    if family.always_thinks and thinking is False:
+        raise ConfigError("GLM-4.1V-Thinking always reasons; thinking=False is not available for this model")
+    msgs, images = normalize_messages(messages)
+    enable = None if family.always_thinks else thinking
+    template = session.chat_template
+    if template:
+        rendered = render_template(template, msgs, enable_thinking=enable)
+    else:
+        rendered = render_builtin(family, msgs, enable_thinking=enable)
+    thinks = family.always_thinks or thinking is not False
+    # In a message part a str image is a path (in a raw prompt a str would be text).
+    images = [pathlib.Path(image) if isinstance(image, str) else image for image in images]
+    return prompt_parts(rendered, images), thinks
+
+
+def chat_stream(session: Session, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
+                *, thinking: Optional[bool] = None) -> Iterator[ChatChunk]:
+    """Stream a reply as :class:`ChatChunk` s (see :meth:`Session.chat_stream`)."""
+    parts, thinks = build_prompt(session, messages, thinking)
+    splitter = OutputSplitter(thinks)
+    for chunk in session.stream(parts, config or session.chat_family.defaults):
+        pieces = splitter.feed(chunk.text, final=chunk.finish_reason is not None)
+        for i, (text, kind) in enumerate(pieces):
+            last = chunk.finish_reason is not None and i == len(pieces) - 1
+            yield ChatChunk(text, kind, chunk.finish_reason if last else None)
+        if chunk.finish_reason is not None and not pieces:
+            yield ChatChunk("", splitter.kind, chunk.finish_reason)
+
+
+def chat(session: Session, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
+         *, thinking: Optional[bool] = None) -> ChatResult:
+    """Answer ``messages`` (see :meth:`Session.chat`)."""
+    parts, thinks = build_prompt(session, messages, thinking)
+    result = session.generate(parts, config or session.chat_family.defaults)
+    reasoning, answer = split_output(result.text, thinks)
+    usage = Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=len(result.token_ids),
+        kv_cells=session.n_cells,
+        reused_cells=session.last_reused,
+    )
+    return ChatResult(reasoning, answer, result.text, result.finish_reason, usage, result.timings)
