@@ -1,4 +1,4 @@
-"""The ``glm4v-mtmd`` command line."""
+"""The ``glm4v-mtmd`` command line: run, chat, convert, info, selfcheck."""
 
 from __future__ import annotations
 
@@ -6,8 +6,115 @@ import argparse
 import logging
 import pathlib
 import sys
-from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional, Sequence, TextIO
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .hub import DEFAULT_REPO
+
+    p.add_argument("-m", "--model", default=DEFAULT_REPO,
+                   help=f"text-model GGUF, a directory or a hub repo id holding the pair (default {DEFAULT_REPO})")
+    p.add_argument("--mmproj", help="projector GGUF (default: the mmproj*.gguf next to the model / in the repo)")
+    p.add_argument("-q", "--quant", default="Q4_K_M", help="quantization to pick from a directory or repo")
+    p.add_argument("--n-ctx", type=int, default=8192, help="context size in KV cells (default 8192)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all available)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
+    p.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-think", action="store_true", help="turn reasoning off (GLM-4.5V/4.6V models)")
+    p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
+
+
+def _open_session(args: argparse.Namespace) -> Any:
+    from . import Session
+
+    kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    model = pathlib.Path(args.model)
+    if model.is_file():
+        mmproj = args.mmproj
+        if mmproj is None:
+            candidates = sorted(model.parent.glob("mmproj*.gguf"))
+            mmproj = str(candidates[0]) if len(candidates) == 1 else None
+        return Session(model, mmproj, **kwargs)
+    return Session.from_pretrained(args.model, quant=args.quant, mmproj=args.mmproj, **kwargs)
+
+
+def _config(args: argparse.Namespace, session: Any) -> Any:
+    import dataclasses
+
+    config = session.chat_family.defaults
+    changes = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
+                                 ("seed", args.seed)) if v is not None}
+    return dataclasses.replace(config, **changes)
+
+
+def _print_reply(session: Any, messages: list[dict], args: argparse.Namespace, out: TextIO) -> str:
+    """Stream one reply; reasoning dimmed (or hidden). Returns the answer text."""
+    thinking = False if args.no_think else None
+    color = out.isatty()
+    answer: list[str] = []
+    kind = None
+    for chunk in session.chat_stream(messages, _config(args, session), thinking=thinking):
+        if chunk.kind == "reasoning":
+            if args.hide_thinking:
+                continue
+            text = f"{DIM}{chunk.text}{RESET}" if color else chunk.text
+        else:
+            if kind == "reasoning" and not args.hide_thinking:
+                out.write("\n")
+            text = chunk.text
+            answer.append(chunk.text)
+        kind = chunk.kind
+        out.write(text)
+        out.flush()
+    out.write("\n")
+    return "".join(answer).strip()
+
+
+def _user_message(text: str, images: Sequence[str]) -> dict:
+    parts: list[dict] = [{"type": "image", "image": pathlib.Path(p)} for p in images]
+    parts.append({"type": "text", "text": text})
+    return {"role": "user", "content": parts}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    with _open_session(args) as session:
+        _print_reply(session, [_user_message(args.prompt, args.image)], args, sys.stdout)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    messages: list[dict] = []
+    pending: list[str] = list(args.image)
+    print("Type a message; /image PATH attaches a picture, /reset clears, /quit ends.", file=sys.stderr)
+    with _open_session(args) as session:
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/reset":
+                messages, pending = [], []
+                continue
+            if line.startswith("/image "):
+                path = line[len("/image "):].strip()
+                if not pathlib.Path(path).is_file():
+                    print(f"no such file: {path}", file=sys.stderr)
+                else:
+                    pending.append(path)
+                continue
+            messages.append(_user_message(line, pending))
+            pending = []
+            answer = _print_reply(session, messages, args, sys.stdout)
+            messages.append({"role": "assistant", "content": answer})
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -15,22 +122,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     for key, value in engine_info().items():
         print(f"{key}: {value}")
-    return 0
+    if args.model:
+        from . import Session
 
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from . import GenerationConfig, Session
-
-    parts: list[object] = ["[gMASK]<sop><|user|>\n"]
-    if args.image:
-        parts.append(pathlib.Path(args.image))  # a str in a prompt is text
-    parts.append(f"{args.prompt}<|assistant|>\n")
-    config = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature)
-    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads,
-                 n_gpu_layers=args.n_gpu_layers) as session:
-        for chunk in session.stream(parts, config):
-            print(chunk.text, end="", flush=True)
-    print()
+        with Session(args.model, n_ctx=256, n_threads=1) as session:
+            print(f"model: {args.model}")
+            for key in ("general.name", "general.architecture", "general.file_type"):
+                print(f"  {key}: {session.metadata(key)}")
+            print(f"  n_vocab: {session.n_vocab}, n_embd: {session.n_embd}, chat family: {session.chat_family.name}")
     return 0
 
 
@@ -45,30 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show the engine's log")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="print the engine version and backends")
+    run = sub.add_parser("run", help="answer one prompt about images, streaming to the terminal")
+    _add_model_args(run)
+    run.add_argument("-p", "--prompt", default="Describe this image.", help="the question")
+    run.add_argument("-i", "--image", action="append", default=[], help="an image file (repeatable)")
+    run.set_defaults(func=_cmd_run)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH attaches a picture)")
+    _add_model_args(chat)
+    chat.add_argument("-i", "--image", action="append", default=[], help="image for the first message")
+    chat.set_defaults(func=_cmd_chat)
+
+    info = sub.add_parser("info", help="engine version and backends, and a model's metadata")
+    info.add_argument("model", nargs="?", help="a text-model GGUF to describe")
     info.set_defaults(func=_cmd_info)
 
     check = sub.add_parser("selfcheck", help="offline check: a tiny random model through the whole pipeline")
     check.set_defaults(func=_cmd_selfcheck)
 
-    run = sub.add_parser("run", help="answer a prompt about an image with a GGUF model pair")
-    run.add_argument("--model", required=True, help="text-model GGUF")
-    run.add_argument("--mmproj", help="projector GGUF (mmproj-*.gguf)")
-    run.add_argument("--image", help="image file")
-    run.add_argument("-p", "--prompt", default="Describe this image.")
-    run.add_argument("--max-tokens", type=int, default=512)
-    run.add_argument("--temperature", type=float, default=0.8)
-    run.add_argument("--n-ctx", type=int, default=8192)
-    run.add_argument("--threads", type=int, default=None)
-    run.add_argument("--n-gpu-layers", type=int, default=0)
-    run.set_defaults(func=_cmd_run)
+    from .convert import cli as convert_cli
 
-    try:
-        from .convert import cli as convert_cli
-    except ImportError:  # pragma: no cover - converter always ships
-        convert_cli = None
-    if convert_cli is not None:
-        convert_cli.add_parser(sub)
+    convert_cli.add_parser(sub)
     return parser
 
 
@@ -83,6 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Glm4vError as exc:
         print(f"glm4v-mtmd: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -567,6 +567,31 @@ class Session:
                 return None
             return ffi.string(buf).decode("utf-8", "replace")
 
+    # ----------------------------------------------------------------------------- hub
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: Union[str, os.PathLike],
+        quant: str = "Q4_K_M",
+        mmproj: Optional[str] = None,
+        revision: Optional[str] = None,
+        cache_dir: Union[str, os.PathLike, None] = None,
+        local_files_only: bool = False,
+        **session_kwargs: Any,
+    ) -> Session:
+        """Open the GGUF pair of a hub repository or a local directory.
+
+        The text model is chosen by ``quant`` (the label in its file name, e.g. ``Q4_K_M``) and the
+        projector is the ``mmproj*.gguf`` file (``mmproj`` names one when there are several).
+        Remaining keyword arguments go to :class:`Session`. Needs ``huggingface_hub`` for repository ids.
+        """
+        from .hub import resolve_pair
+
+        model, proj = resolve_pair(repo_id_or_dir, quant, mmproj, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=local_files_only)
+        return cls(model, proj, **session_kwargs)
+
     # ----------------------------------------------------------------------------- chat
 
     @property

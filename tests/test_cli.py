@@ -1,0 +1,70 @@
+"""The glm4v-mtmd command line, end to end on a tiny model (subprocesses, outside the source tree)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import random_image
+
+
+def _cli(args, tmp_path, stdin=None):
+    # cwd outside the source tree, so the installed package (with its compiled module) is imported
+    # HF_HUB_OFFLINE: a hub lookup must fail fast here, never reach for the network
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "glm4v_mtmd", *args], cwd=tmp_path, input=stdin, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def files(gguf_pair, tmp_path_factory):
+    model, mmproj = gguf_pair("glm4v", 0, "f32")
+    image = tmp_path_factory.mktemp("img") / "img.png"
+    Image.fromarray(random_image(84, 112)).save(image)
+    return model, mmproj, image
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["chat"], ["info"], ["convert"], ["selfcheck"]])
+def test_help_everywhere(command, tmp_path):
+    out = _cli([*command, "--help"], tmp_path)
+    assert out.returncode == 0 and "usage: glm4v-mtmd" in out.stdout
+
+
+def test_run_streams_a_reply(files, tmp_path):
+    model, mmproj, image = files
+    out = _cli(["run", "-m", str(model), "--mmproj", str(mmproj), "-i", str(image), "-p", "Describe.",
+                "--max-tokens", "8", "--temperature", "0"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def test_run_hide_thinking_prints_less(files, tmp_path):
+    model, mmproj, image = files
+    common = ["run", "-m", str(model), "-i", str(image), "--max-tokens", "12", "--temperature", "0"]
+    shown, hidden = _cli(common, tmp_path), _cli([*common, "--hide-thinking"], tmp_path)
+    assert shown.returncode == hidden.returncode == 0
+    assert len(hidden.stdout) <= len(shown.stdout)
+
+
+def test_chat_reads_turns_and_images(files, tmp_path):
+    model, mmproj, image = files
+    out = _cli(["chat", "-m", str(model), "--max-tokens", "4", "--temperature", "0"], tmp_path,
+               stdin=f"/image {image}\nWhat is this?\nAnd now?\n/quit\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("> ") >= 3
+
+
+def test_info_reports_engine_and_model(files, tmp_path):
+    out = _cli(["info", str(files[0])], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "engine_commit" in out.stdout and "general.architecture: glm4" in out.stdout
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    out = _cli(["run", "-m", str(tmp_path / "missing-dir"), "--quant", "Q4_K_M"], tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.startswith("glm4v-mtmd: error:") and "Traceback" not in out.stderr
