@@ -6,7 +6,8 @@ import argparse
 import logging
 import pathlib
 import sys
-from typing import Any, Optional, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, Optional, TextIO
 
 DIM, RESET = "\033[2m", "\033[0m"
 

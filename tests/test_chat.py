@@ -7,9 +7,9 @@ import io
 
 import numpy as np
 import pytest
-
 import tiny_models
 from conftest import random_image
+
 from glm4v_mtmd import ConfigError, GenerationConfig, Session
 from glm4v_mtmd.chat import (
     GLM41V,
@@ -38,7 +38,10 @@ CONVERSATIONS = {
         {"role": "user", "content": [{"type": "image", "image": IMG2}, {"type": "text", "text": "And this one?"}]},
     ],
 }
-TEMPLATES = {"glm4v": (tiny_models.GLM41V_CHAT_TEMPLATE, GLM41V), "glm4v_moe": (tiny_models.GLM45V_CHAT_TEMPLATE, GLM45V)}
+TEMPLATES = {
+    "glm4v": (tiny_models.GLM41V_CHAT_TEMPLATE, GLM41V),
+    "glm4v_moe": (tiny_models.GLM45V_CHAT_TEMPLATE, GLM45V),
+}
 
 
 def _thinking_modes(family):

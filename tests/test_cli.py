@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from conftest import random_image
+from PIL import Image
 
 
 def _cli(args, tmp_path, stdin=None):
