@@ -53,6 +53,30 @@ class _Segment:
     image: Optional[ImageEmbedding] = None
 
 
+class _StopStrings:
+    """Finds stop strings in streamed text, holding back a tail that may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, text: str, final: bool) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found)."""
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        found = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if found:
+            self._held = ""
+            return buf[: min(found)], True
+        keep = 0 if final else max(
+            (k for s in self._stops for k in range(min(len(s) - 1, len(buf)), 0, -1) if buf.endswith(s[:k])),
+            default=0,
+        )
+        self._held = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep], False
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -159,6 +183,7 @@ class Session:
         self._positions = np.zeros((0, 3), dtype=np.int32)
         self._generated_pending: list[int] = []  # emitted ids not yet in the KV cache
         self._last_reused = 0
+        self._n_prompt = 0
 
     # ----------------------------------------------------------------------------- life cycle
 
@@ -503,23 +528,35 @@ class Session:
             generated_tokens=t.n_decode,
         )
 
+    def _chunks(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig],
+                tokens_per_step: int) -> Iterator[StreamChunk]:
+        """The generation loop shared by :meth:`generate` and :meth:`stream`."""
+        config = config or GenerationConfig()
+        with self._lock:
+            self._n_prompt = self._begin(parts, config)
+        stops = _StopStrings(config.stop)
+        reason: Optional[FinishReason] = None
+        while reason is None:
+            with self._lock:
+                raw, ids, reason = self._step(tokens_per_step)
+            text, hit = stops.feed(raw.decode("utf-8", "replace"), final=reason is not None)
+            if hit:
+                reason = "stop"
+            if text or ids or reason is not None:
+                yield StreamChunk(text=text, token_ids=tuple(ids), finish_reason=reason)
+
     def generate(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig] = None) -> GenerationResult:
         """Evaluate ``parts`` and generate a reply; the sampling loop runs in C."""
+        config = config or GenerationConfig()
+        # Many tokens per call into C; fewer when a stop string may end the reply early.
+        chunks = list(self._chunks(parts, config, 16 if config.stop else 256))
         with self._lock:
-            n_prompt = self._begin(parts, config)
-            chunks: list[bytes] = []
-            ids: list[int] = []
-            reason: Optional[FinishReason] = None
-            while reason is None:
-                text, new_ids, reason = self._step(256)
-                chunks.append(text)
-                ids.extend(new_ids)
             return GenerationResult(
-                text=b"".join(chunks).decode("utf-8", "replace"),
-                token_ids=tuple(ids),
-                finish_reason=reason,
-                timings=self._timings(n_prompt),
-                prompt_tokens=n_prompt,
+                text="".join(c.text for c in chunks),
+                token_ids=tuple(t for c in chunks for t in c.token_ids),
+                finish_reason=chunks[-1].finish_reason or "length",
+                timings=self._timings(self._n_prompt),
+                prompt_tokens=self._n_prompt,
             )
 
     def stream(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig] = None) -> Iterator[StreamChunk]:
@@ -527,14 +564,7 @@ class Session:
 
         Chunks hold complete UTF-8 characters only; the last chunk has ``finish_reason``.
         """
-        with self._lock:
-            self._begin(parts, config)
-        reason: Optional[FinishReason] = None
-        while reason is None:
-            with self._lock:
-                text, ids, reason = self._step(1)
-            if text or ids or reason is not None:
-                yield StreamChunk(text=text.decode("utf-8", "replace"), token_ids=tuple(ids), finish_reason=reason)
+        return self._chunks(parts, config, 1)
 
     # ----------------------------------------------------------------------------- state
 

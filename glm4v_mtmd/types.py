@@ -34,6 +34,8 @@ class GenerationConfig:
             stop tokens (``<|endoftext|>``, ``<|user|>``, ``<|observation|>``).
         ignore_eos: do not stop on the model's own stop tokens (benchmarks and tests);
             ``stop_token_ids`` still apply.
+        stop: strings that end the generation; the text is cut before the first one found
+            (``finish_reason`` "stop"). Streaming holds back text that may begin one.
     """
 
     max_tokens: int = 512
@@ -48,6 +50,7 @@ class GenerationConfig:
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ConfigError:
@@ -75,6 +78,10 @@ class GenerationConfig:
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
             raise bad("seed", "must be None or an integer in [0, 2**32)")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stops):
+            raise bad("stop", "must be non-empty strings")
+        object.__setattr__(self, "stop", stops)
 
 
 @dataclass(frozen=True)

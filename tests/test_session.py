@@ -344,3 +344,25 @@ def test_files_are_not_modified_by_failed_loads(pair, tmp_path):
     with pytest.raises(ModelLoadError):
         Session(copy, copy)
     assert pathlib.Path(copy).read_bytes() == before
+
+
+def test_stop_string_cuts_the_text_in_generate_and_stream(session):
+    session.reset()
+    free = session.generate(PROMPT, GenerationConfig(
+        max_tokens=24, temperature=0.0, repetition_penalty=1.0, ignore_eos=True))
+    stop = free.text[6:9]
+    assert len(stop) == 3
+    config = GenerationConfig(max_tokens=24, temperature=0.0, repetition_penalty=1.0, ignore_eos=True, stop=(stop,))
+    session.reset()
+    cut = session.generate(PROMPT, config)
+    expected = free.text[: free.text.find(stop)]
+    assert cut.finish_reason == "stop" and cut.text == expected
+    session.reset()
+    chunks = list(session.stream(PROMPT, config))
+    assert "".join(c.text for c in chunks) == expected and chunks[-1].finish_reason == "stop"
+
+
+def test_stop_strings_must_be_non_empty_strings():
+    with pytest.raises(ConfigError):
+        GenerationConfig(stop=("",))
+    assert GenerationConfig(stop="###").stop == ("###",)
