@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import pathlib
 
 import numpy as np
 import pytest
@@ -38,10 +39,17 @@ CONVERSATIONS = {
         {"role": "user", "content": [{"type": "image", "image": IMG2}, {"type": "text", "text": "And this one?"}]},
     ],
 }
+DATA = pathlib.Path(__file__).parent / "data" / "chat_templates"
+# GLM-4.1V-Thinking: the published template (tests/data/chat_templates/SOURCES.md). The GLM-4.5V-family
+# template here is the GLM-OCR variant of it: no verified copy of the GLM-4.5V/4.6V files was available.
 TEMPLATES = {
-    "glm4v": (tiny_models.GLM41V_CHAT_TEMPLATE, GLM41V),
+    "glm4v": ((DATA / "glm-4.1v-thinking.jinja").read_text(encoding="utf-8"), GLM41V),
     "glm4v_moe": (tiny_models.GLM45V_CHAT_TEMPLATE, GLM45V),
 }
+
+
+def test_tiny_glm4v_checkpoints_carry_the_published_template():
+    assert tiny_models.GLM41V_CHAT_TEMPLATE == TEMPLATES["glm4v"][0]
 
 
 def _thinking_modes(family):
