@@ -1,6 +1,7 @@
 """glm4v-mtmd: run GLM-4.xV vision-language models locally through llama.cpp's mtmd engine."""
 
 from ._native import engine_info
+from .boxes import Box, draw_boxes, parse_boxes
 from .errors import (
     ConfigError,
     ContextOverflowError,
@@ -12,6 +13,7 @@ from .errors import (
     ModelLoadError,
     SessionClosedError,
 )
+from .images import PreprocessedImage, preprocess
 from .session import Session
 from .types import (
     Evaluation,
@@ -25,6 +27,7 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Box",
     "ConfigError",
     "ContextOverflowError",
     "ConversionError",
@@ -37,9 +40,13 @@ __all__ = [
     "ImageEmbedding",
     "ImageError",
     "ModelLoadError",
+    "PreprocessedImage",
     "Session",
     "SessionClosedError",
     "StreamChunk",
     "Timings",
+    "draw_boxes",
     "engine_info",
+    "parse_boxes",
+    "preprocess",
 ]

@@ -16,7 +16,15 @@ from . import _native
 from ._gguf_probe import read_metadata
 from ._native import check, ffi, lib
 from .errors import ConfigError, ContextOverflowError, GenerationError, ModelLoadError, SessionClosedError
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageInput, prepare_image
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    PIXELS_PER_TOKEN,
+    ImageInput,
+    check_limits,
+    prepare_image,
+)
 from .types import (
     Evaluation,
     FinishReason,
@@ -104,8 +112,12 @@ class Session:
         kv_cache_type: one of :data:`KV_CACHE_TYPES` (``"f32"`` for exact comparisons).
         n_batch: tokens per prompt-evaluation batch.
         use_mmap: memory-map the model file.
-        min_pixels, max_pixels: image size limits of the reference preprocessing
-            (counting both temporal frames, as the checkpoints' preprocessor config does).
+        min_pixels, max_pixels: image size limits of the reference preprocessing, in pixels
+            counting both temporal frames as the checkpoints' preprocessor config does (one image
+            token = 1,568 pixels; defaults 12,544 / 9,633,792 = 8 / 6,144 tokens). They may only
+            narrow the engine's window of 8 .. 6,144 tokens, which it would otherwise resize into.
+        max_image_pixels: largest width*height accepted, checked on the file header before
+            decoding (decompression bombs); Pillow's 178,956,970 by default.
 
     A session is a context manager; :meth:`close` is idempotent. Calls on one session
     are serialised by a lock, so it may be shared between threads.
@@ -125,16 +137,18 @@ class Session:
         use_mmap: bool = True,
         min_pixels: int = DEFAULT_MIN_PIXELS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self._handle: Any = None
         self._lock = threading.RLock()
         _check_positive("n_ctx", n_ctx)
         _check_positive("n_threads", n_threads, allow_none=True)
         _check_positive("n_batch", n_batch)
-        _check_positive("min_pixels", min_pixels)
-        _check_positive("max_pixels", max_pixels)
-        if min_pixels > max_pixels:
-            raise ConfigError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
+        # The engine's image-token window (the load params keep the C defaults): images outside it
+        # would be resized again by llama.cpp, so the limits may only narrow it.
+        engine = lib.glm4v_load_params_default()
+        self._pixel_window = (engine.image_min_tokens * PIXELS_PER_TOKEN, engine.image_max_tokens * PIXELS_PER_TOKEN)
+        check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ConfigError(f"n_gpu_layers={n_gpu_layers!r}: must be an integer >= -1 (-1 = all)")
         if flash_attn not in (None, True, False):
@@ -147,6 +161,7 @@ class Session:
         self.architecture = self._check_files()
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
+        self.max_image_pixels = max_image_pixels
 
         threads = n_threads or _default_threads()
         params = ffi.new("glm4v_load_params *")
@@ -289,19 +304,33 @@ class Session:
     # ----------------------------------------------------------------------------- images
 
     def encode_image(
-        self, image: ImageInput, *, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None
+        self,
+        image: ImageInput,
+        *,
+        min_pixels: Optional[int] = None,
+        max_pixels: Optional[int] = None,
+        max_image_pixels: Optional[int] = None,
     ) -> ImageEmbedding:
         """Preprocess and encode one image with the vision tower and projector.
 
+        The image is prepared exactly as transformers' ``Glm4vImageProcessor`` (see
+        :func:`glm4v_mtmd.preprocess`), so the engine receives it at its final size.
+
         Args:
             image: a path, bytes, file object, PIL image or uint8 ndarray (HxW, HxWx3, HxWx4).
-            min_pixels, max_pixels: override the session's size limits for this image.
+            min_pixels, max_pixels, max_image_pixels: override the session's limits for this image.
+
+        Raises:
+            ImageError: the image is unreadable or breaks a preprocessing rule (the session is unaffected).
+            ConfigError: an override is invalid.
         """
-        prepared = prepare_image(
-            image,
-            min_pixels=min_pixels or self.min_pixels,
-            max_pixels=max_pixels or self.max_pixels,
-        )
+        min_pixels = self.min_pixels if min_pixels is None else min_pixels
+        max_pixels = self.max_pixels if max_pixels is None else max_pixels
+        max_image_pixels = self.max_image_pixels if max_image_pixels is None else max_image_pixels
+        # Limits inside the engine's window keep every smart_resize result inside it too (the aspect
+        # limit of 200 bounds what the 28-px minimum side can add), so the engine never resizes.
+        check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
+        prepared = prepare_image(image, min_pixels=min_pixels, max_pixels=max_pixels, max_image_pixels=max_image_pixels)
         width, height = prepared.size
         with self._lock:
             h = self._h()
@@ -548,8 +577,8 @@ class Session:
     def generate(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig] = None) -> GenerationResult:
         """Evaluate ``parts`` and generate a reply; the sampling loop runs in C."""
         config = config or GenerationConfig()
-        # Many tokens per call into C; fewer when a stop string may end the reply early.
-        chunks = list(self._chunks(parts, config, 16 if config.stop else 256))
+        # Several tokens per call into C (Ctrl-C is seen between calls); fewer when a stop string may end early.
+        chunks = list(self._chunks(parts, config, 16 if config.stop else 64))
         with self._lock:
             return GenerationResult(
                 text="".join(c.text for c in chunks),
