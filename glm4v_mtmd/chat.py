@@ -16,8 +16,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
+from .boxes import Box, parse_boxes
 from .errors import ConfigError
-from .types import FinishReason, GenerationConfig, Timings
+from .types import FinishReason, GenerationConfig, ImageEmbedding, Timings
 
 if TYPE_CHECKING:
     from .session import Session
@@ -221,8 +222,25 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class GroundedBox:
+    """A box of the answer, in the model's 0-1000 coordinates and in the referred image's pixels.
+
+    ``pixels`` is ``(left, top, right, bottom)`` in the original (un-resized) image number
+    ``image_index`` of the conversation (see :meth:`glm4v_mtmd.Box.to_pixels`); None without images.
+    """
+
+    box: Box
+    pixels: Optional[tuple[int, int, int, int]]
+    image_index: Optional[int]
+
+
+@dataclass(frozen=True)
 class ChatResult:
-    """The reply to :meth:`Session.chat`: reasoning and answer split, raw text, accounting."""
+    """The reply to :meth:`Session.chat`: reasoning and answer split, raw text, boxes, accounting.
+
+    ``boxes`` are the grounding boxes of the answer (``<|begin_of_box|>…<|end_of_box|>``), mapped to
+    the pixels of the most recent image of the conversation unless ``box_image`` chose another.
+    """
 
     reasoning: str
     answer: str
@@ -230,7 +248,7 @@ class ChatResult:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
-    boxes: tuple[Any, ...] = field(default=())
+    boxes: tuple[GroundedBox, ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -296,8 +314,14 @@ def split_output(text: str, thinking: bool = True) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def build_prompt(session: Session, messages: Sequence[Message], thinking: Optional[bool]) -> tuple[list[Any], bool]:
-    """Prompt parts for ``messages`` and whether the reply starts in thinking mode."""
+def build_prompt(
+    session: Session, messages: Sequence[Message], thinking: Optional[bool]
+) -> tuple[list[Any], bool, list[ImageEmbedding]]:
+    """Prompt parts for ``messages``, whether the reply starts in thinking mode, and the images' embeddings.
+
+    Images are encoded through the session's embedding cache, so a conversation's earlier images
+    are not encoded again on later turns.
+    """
     family = session.chat_family
     if family.always_thinks and thinking is False:
         raise ConfigError("GLM-4.1V-Thinking always reasons; thinking=False is not available for this model")
@@ -310,14 +334,32 @@ def build_prompt(session: Session, messages: Sequence[Message], thinking: Option
         rendered = render_builtin(family, msgs, enable_thinking=enable)
     thinks = family.always_thinks or thinking is not False
     # In a message part a str image is a path (in a raw prompt a str would be text).
-    images = [pathlib.Path(image) if isinstance(image, str) else image for image in images]
-    return prompt_parts(rendered, images), thinks
+    embeddings = [
+        image if isinstance(image, ImageEmbedding)
+        else session.encode_image(pathlib.Path(image) if isinstance(image, str) else image)
+        for image in images
+    ]
+    return prompt_parts(rendered, list(embeddings)), thinks, embeddings
+
+
+def ground_boxes(answer: str, embeddings: list[ImageEmbedding], box_image: int) -> tuple[GroundedBox, ...]:
+    """The answer's boxes, mapped to the original pixels of image ``box_image`` of the conversation."""
+    boxes = parse_boxes(answer)
+    if not embeddings:
+        return tuple(GroundedBox(b, None, None) for b in boxes)
+    try:
+        emb = embeddings[box_image]
+    except IndexError:
+        raise ConfigError(f"box_image={box_image}: the conversation has {len(embeddings)} images") from None
+    index = box_image % len(embeddings)
+    width, height = emb.original_size
+    return tuple(GroundedBox(b, b.to_pixels(width, height), index) for b in boxes)
 
 
 def chat_stream(session: Session, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
                 *, thinking: Optional[bool] = None) -> Iterator[ChatChunk]:
     """Stream a reply as :class:`ChatChunk` s (see :meth:`Session.chat_stream`)."""
-    parts, thinks = build_prompt(session, messages, thinking)
+    parts, thinks, _ = build_prompt(session, messages, thinking)
     splitter = OutputSplitter(thinks)
     for chunk in session.stream(parts, config or session.chat_family.defaults):
         pieces = splitter.feed(chunk.text, final=chunk.finish_reason is not None)
@@ -329,9 +371,9 @@ def chat_stream(session: Session, messages: Sequence[Message], config: Optional[
 
 
 def chat(session: Session, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
-         *, thinking: Optional[bool] = None) -> ChatResult:
+         *, thinking: Optional[bool] = None, box_image: int = -1) -> ChatResult:
     """Answer ``messages`` (see :meth:`Session.chat`)."""
-    parts, thinks = build_prompt(session, messages, thinking)
+    parts, thinks, embeddings = build_prompt(session, messages, thinking)
     result = session.generate(parts, config or session.chat_family.defaults)
     reasoning, answer = split_output(result.text, thinks)
     usage = Usage(
@@ -340,4 +382,5 @@ def chat(session: Session, messages: Sequence[Message], config: Optional[Generat
         kv_cells=session.n_cells,
         reused_cells=session.last_reused,
     )
-    return ChatResult(reasoning, answer, result.text, result.finish_reason, usage, result.timings)
+    boxes = ground_boxes(answer, embeddings, box_image)
+    return ChatResult(reasoning, answer, result.text, result.finish_reason, usage, result.timings, boxes)

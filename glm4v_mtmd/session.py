@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _native
+from ._cache import EmbeddingCache, content_key
 from ._gguf_probe import read_metadata
 from ._native import check, ffi, lib
 from .errors import ConfigError, ContextOverflowError, GenerationError, ModelLoadError, SessionClosedError
@@ -118,6 +119,8 @@ class Session:
             narrow the engine's window of 8 .. 6,144 tokens, which it would otherwise resize into.
         max_image_pixels: largest width*height accepted, checked on the file header before
             decoding (decompression bombs); Pillow's 178,956,970 by default.
+        image_cache_mb: size of the LRU cache of image embeddings keyed by image content (0 = off);
+            a conversation re-sends its images every turn, and they are encoded once.
 
     A session is a context manager; :meth:`close` is idempotent. Calls on one session
     are serialised by a lock, so it may be shared between threads.
@@ -138,6 +141,7 @@ class Session:
         min_pixels: int = DEFAULT_MIN_PIXELS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        image_cache_mb: float = 256,
     ) -> None:
         self._handle: Any = None
         self._lock = threading.RLock()
@@ -162,6 +166,9 @@ class Session:
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.max_image_pixels = max_image_pixels
+        if not isinstance(image_cache_mb, (int, float)) or image_cache_mb < 0:
+            raise ConfigError(f"image_cache_mb={image_cache_mb!r}: must be a number >= 0")
+        self.image_cache = EmbeddingCache(int(image_cache_mb * (1 << 20)))
 
         threads = n_threads or _default_threads()
         params = ffi.new("glm4v_load_params *")
@@ -330,7 +337,16 @@ class Session:
         # Limits inside the engine's window keep every smart_resize result inside it too (the aspect
         # limit of 200 bounds what the 28-px minimum side can add), so the engine never resizes.
         check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
+        key = content_key(image, (min_pixels, max_pixels)) if self.image_cache.max_bytes else None
+        cached = self.image_cache.get(key) if key else None
+        if cached is not None:
+            return cached
         prepared = prepare_image(image, min_pixels=min_pixels, max_pixels=max_pixels, max_image_pixels=max_image_pixels)
+        emb = self._encode_prepared(prepared)
+        self.image_cache.put(key, emb)
+        return emb
+
+    def _encode_prepared(self, prepared: Any) -> ImageEmbedding:
         width, height = prepared.size
         with self._lock:
             h = self._h()
@@ -673,18 +689,19 @@ class Session:
         return self._last_reused
 
     def chat(self, messages: Sequence[Any], config: Optional[GenerationConfig] = None, *,
-             thinking: Optional[bool] = None) -> Any:
+             thinking: Optional[bool] = None, box_image: int = -1) -> Any:
         """Answer OpenAI-style ``messages``; returns a :class:`~glm4v_mtmd.chat.ChatResult`.
 
         Messages are ``{"role": "system"|"user"|"assistant", "content": str | [parts]}`` with parts
         ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <path|bytes|PIL|ndarray|
         ImageEmbedding>}`` or ``{"type": "image_url", "image_url": {"url": "data:...;base64,..." | path}}``.
         ``thinking=False`` switches reasoning off on GLM-4.5V/4.6V (``/nothink``); ``config`` defaults to
-        the model family's card values.
+        the model family's card values. ``ChatResult.boxes`` are mapped to the pixels of image
+        ``box_image`` of the conversation (default: the most recent one).
         """
         from .chat import chat
 
-        return chat(self, messages, config, thinking=thinking)
+        return chat(self, messages, config, thinking=thinking, box_image=box_image)
 
     def chat_stream(self, messages: Sequence[Any], config: Optional[GenerationConfig] = None, *,
                     thinking: Optional[bool] = None) -> Iterator[Any]:

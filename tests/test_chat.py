@@ -202,3 +202,33 @@ def test_thinking_false_is_refused_for_glm41v_and_rendered_for_glm45v(session):
         result = session.chat(msgs, GREEDY, thinking=False)
         assert result.reasoning == ""
         assert np.isfinite(result.usage.prompt_tokens)
+
+
+def test_images_of_earlier_turns_come_from_the_embedding_cache(session):
+    first = CONVERSATIONS["system-user-image"]
+    session.reset()
+    session.image_cache.clear()
+    reply = session.chat(first, GREEDY)
+    hits, misses = session.image_cache.hits, session.image_cache.misses
+    session.chat(first + [{"role": "assistant", "content": reply.answer or "ok"},
+                          {"role": "user", "content": "More?"}], GREEDY)
+    assert session.image_cache.hits == hits + 1 and session.image_cache.misses == misses
+
+
+def _emb(width, height):
+    from glm4v_mtmd import ImageEmbedding
+
+    return ImageEmbedding(np.zeros((1, 4), np.float32), (1, 1), (width, height), (28, 28), "d")
+
+
+def test_boxes_are_mapped_to_the_most_recent_image():
+    from glm4v_mtmd.chat import ground_boxes
+
+    answer = "The cat <|begin_of_box|>[[100,200,500,1000]]<|end_of_box|> sits."
+    (box,) = ground_boxes(answer, [_emb(640, 480), _emb(1000, 2000)], -1)
+    assert box.image_index == 1 and box.pixels == (100, 400, 500, 2000)
+    (first,) = ground_boxes(answer, [_emb(640, 480), _emb(1000, 2000)], 0)
+    assert first.image_index == 0 and first.pixels == (64, 96, 320, 480)
+    with pytest.raises(ConfigError, match="box_image"):
+        ground_boxes(answer, [_emb(640, 480)], 3)
+    assert ground_boxes(answer, [], -1)[0].pixels is None
