@@ -41,8 +41,8 @@ def run_selfcheck(workdir: Optional[str] = None, report: Callable[[str], None] =
             report(f"encoded {SAMPLE_IMAGE.name} {emb.original_size} -> {emb.resized_size}, grid {emb.grid}")
             prompt = ["[gMASK]<sop><|user|>\n", emb, "Describe this image.<|assistant|>\n"]
             ev = session.evaluate(prompt)
-            n_img = int(np.sum(ev.tokens == session._image_token))
-            positions_ok = _image_positions_ok(ev.positions, ev.tokens, session._image_token, emb.grid)
+            n_img = int(np.sum(ev.tokens == session.image_token_ids.image))
+            positions_ok = _image_positions_ok(ev.positions, ev.tokens, session.image_token_ids.image, emb.grid)
             checks = {
                 "one <|image|> id per image token": n_img == emb.n_tokens,
                 "image rows/cols positions": positions_ok,

@@ -7,7 +7,6 @@ import os
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -16,6 +15,7 @@ from . import _native
 from ._cache import EmbeddingCache, content_key
 from ._gguf_probe import read_metadata
 from ._native import check, ffi, lib
+from ._prompt import ImageTokenIds, PromptLayout, Segment, StopStrings
 from .errors import ConfigError, ContextOverflowError, GenerationError, ModelLoadError, SessionClosedError
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -52,38 +52,6 @@ _FINISH = {
     lib.GLM4V_FINISH_CANCELLED: "length",
 }
 _TEXT_CAP = 1 << 16
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """A prompt piece after normalisation: text token ids or one image embedding."""
-
-    tokens: Optional[np.ndarray] = None
-    image: Optional[ImageEmbedding] = None
-
-
-class _StopStrings:
-    """Finds stop strings in streamed text, holding back a tail that may begin one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._held = ""
-
-    def feed(self, text: str, final: bool) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was found)."""
-        if not self._stops:
-            return text, False
-        buf = self._held + text
-        found = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if found:
-            self._held = ""
-            return buf[: min(found)], True
-        keep = 0 if final else max(
-            (k for s in self._stops for k in range(min(len(s) - 1, len(buf)), 0, -1) if buf.endswith(s[:k])),
-            default=0,
-        )
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[: len(buf) - keep], False
 
 
 def _default_threads() -> int:
@@ -195,9 +163,7 @@ class Session:
         self.n_vocab: int = info.n_vocab
         self.n_embd: int = info.n_embd
         self.n_ctx: int = info.n_ctx
-        self._image_token = info.image_token
-        self._begin_image = info.begin_image_token
-        self._end_image = info.end_image_token
+        self.image_token_ids = ImageTokenIds(info.begin_image_token, info.image_token, info.end_image_token)
         self._stop_ids = tuple(t for t in (self._token_id(p) for p in STOP_PIECES) if t >= 0)
         # What the KV cache holds: a key per cell (token id, or (image digest, index)) and
         # its positions, so a new prompt can reuse the longest common prefix.
@@ -367,105 +333,31 @@ class Session:
 
     # ----------------------------------------------------------------------------- prompts
 
-    def _segments(self, parts: Sequence[PromptPart]) -> list[_Segment]:
+    def _segments(self, parts: Sequence[PromptPart]) -> list[Segment]:
         if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
             raise TypeError("a prompt is a list of strings and images")
         segments = []
         for part in parts:
             if isinstance(part, str):
                 if part:
-                    segments.append(_Segment(tokens=np.asarray(self.tokenize(part, special=True), dtype=np.int32)))
+                    segments.append(Segment(tokens=np.asarray(self.tokenize(part, special=True), dtype=np.int32)))
             elif isinstance(part, ImageEmbedding):
                 if part.array.shape[1] != self.n_embd:
                     raise ConfigError(
                         f"the image embedding has width {part.array.shape[1]}, this model needs {self.n_embd}"
                     )
-                segments.append(_Segment(image=part))
+                segments.append(Segment(image=part))
             else:
-                segments.append(_Segment(image=self.encode_image(part)))
-        has_image_tokens = min(self._image_token, self._begin_image, self._end_image) >= 0
+                segments.append(Segment(image=self.encode_image(part)))
+        has_image_tokens = min(self.image_token_ids.begin, self.image_token_ids.image, self.image_token_ids.end) >= 0
         if any(s.image is not None for s in segments) and not has_image_tokens:
             raise GenerationError("this model's vocabulary has no image tokens (<|begin_of_image|>, <|image|>)")
         return segments
 
-    def _layout(self, segments: list[_Segment]) -> tuple[list[Any], np.ndarray, list[tuple[int, int]]]:
-        """Cell keys, prompt token ids and image cell ranges of a prompt.
-
-        An image becomes ``<|begin_of_image|>``, one ``<|image|>`` per image token and
-        ``<|end_of_image|>``, as the transformers processor expands ``<|image|>``.
-        """
-        keys: list[Any] = []
-        tokens: list[int] = []
-        images: list[tuple[int, int]] = []
-        for seg in segments:
-            if seg.tokens is not None:
-                keys.extend(seg.tokens.tolist())
-                tokens.extend(seg.tokens.tolist())
-            else:
-                assert seg.image is not None
-                keys.append(self._begin_image)
-                start = len(keys)
-                keys.extend((seg.image.digest, i) for i in range(seg.image.n_tokens))
-                images.append((start, len(keys)))
-                keys.append(self._end_image)
-                tokens.extend([self._begin_image] + [self._image_token] * seg.image.n_tokens + [self._end_image])
-        return keys, np.asarray(tokens, dtype=np.int32), images
-
-    def _native_parts(self, segments: list[_Segment], skip: int) -> tuple[Any, int, list[Any]]:
-        """glm4v_part array for the cells after the first ``skip`` ones."""
-        specs: list[tuple[str, Any]] = []
-        cell = 0
-        for seg in segments:
-            if seg.tokens is not None:
-                toks = seg.tokens
-                lo = max(0, skip - cell)
-                if lo < len(toks):
-                    specs.append(("text", toks[lo:]))
-                cell += len(toks)
-            else:
-                assert seg.image is not None
-                n = seg.image.n_tokens
-                begin, body, end = cell, cell + 1, cell + 1 + n
-                if skip <= begin:
-                    specs.append(("text", np.asarray([self._begin_image], dtype=np.int32)))
-                if skip <= body:
-                    specs.append(("image", seg.image))
-                if skip <= end:
-                    specs.append(("text", np.asarray([self._end_image], dtype=np.int32)))
-                cell = end + 1
-        keep: list[Any] = []  # keeps numpy buffers alive during the native call
-        parts = ffi.new("glm4v_part[]", len(specs))
-        total = 0
-        for i, (kind, value) in enumerate(specs):
-            if kind == "text":
-                arr = np.ascontiguousarray(value, dtype=np.int32)
-                keep.append(arr)
-                parts[i].tokens = ffi.from_buffer("int32_t[]", arr)
-                parts[i].n_tokens = len(arr)
-                total += len(arr)
-            else:
-                emb: ImageEmbedding = value
-                arr = np.ascontiguousarray(emb.array, dtype=np.float32)
-                keep.append(arr)
-                parts[i].embd = ffi.from_buffer("float[]", arr)
-                parts[i].rows, parts[i].cols = emb.grid
-                parts[i].n_embd = arr.shape[1]
-                total += emb.n_tokens
-        return parts, total, keep
-
-    def _reusable_prefix(self, keys: list[Any], images: list[tuple[int, int]]) -> int:
-        n = 0
-        limit = min(len(self._keys), len(keys) - 1)  # the last cell is always evaluated (logits)
-        while n < limit and self._keys[n] == keys[n]:
-            n += 1
-        for start, end in images:  # never resume in the middle of an image
-            if start < n < end:
-                n = start
-        return n
-
     def _evaluate(self, parts: Sequence[PromptPart]) -> tuple[np.ndarray, np.ndarray, int]:
         segments = self._segments(parts)
-        keys, tokens, images = self._layout(segments)
+        layout = PromptLayout(segments, self.image_token_ids)
+        keys = layout.keys
         if not keys:
             raise ConfigError("the prompt is empty: pass at least one non-empty string or image")
         if len(keys) > self.n_ctx:
@@ -474,13 +366,13 @@ class Session:
                 f"n_ctx is {self.n_ctx}; create the Session with a larger n_ctx or use fewer/smaller images"
             )
         h = self._h()
-        reuse = self._reusable_prefix(keys, images)
+        reuse = layout.reusable_prefix(self._keys)
         if reuse < lib.glm4v_n_cells(h):
             check(lib.glm4v_kv_truncate(h, reuse), h, "evaluate")
         self._keys = self._keys[:reuse]
         self._positions = self._positions[:reuse]
         self._generated_pending = []
-        c_parts, n_new, keep = self._native_parts(segments, reuse)
+        c_parts, n_new, keep = layout.native_parts(reuse)
         positions = np.empty((n_new, 3), dtype=np.int32)
         status = lib.glm4v_eval(h, c_parts, len(c_parts), ffi.from_buffer("int32_t[]", positions), n_new)
         del keep
@@ -488,7 +380,7 @@ class Session:
         self._keys = keys
         self._positions = np.concatenate([self._positions, positions])
         self._last_reused = reuse
-        return tokens, self._positions.copy(), reuse
+        return layout.tokens, self._positions.copy(), reuse
 
     def evaluate(self, parts: Sequence[PromptPart]) -> Evaluation:
         """Evaluate a prompt and return its tokens, M-RoPE positions and last logits.
@@ -579,7 +471,7 @@ class Session:
         config = config or GenerationConfig()
         with self._lock:
             self._n_prompt = self._begin(parts, config)
-        stops = _StopStrings(config.stop)
+        stops = StopStrings(config.stop)
         reason: Optional[FinishReason] = None
         while reason is None:
             with self._lock:

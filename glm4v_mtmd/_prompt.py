@@ -1,0 +1,133 @@
+"""A prompt as the KV cache sees it: one key per cell, the token ids, image cell ranges.
+
+Keys let a new prompt reuse the longest prefix it shares with what the cache holds: a text cell's
+key is its token id, an image cell's key is (embedding digest, index). An image is
+``<|begin_of_image|>``, one ``<|image|>`` per image token and ``<|end_of_image|>``, as the
+transformers processor expands ``<|image|>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ._native import ffi
+from .types import ImageEmbedding
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A prompt piece after normalisation: text token ids or one image embedding."""
+
+    tokens: Optional[np.ndarray] = None
+    image: Optional[ImageEmbedding] = None
+
+
+@dataclass(frozen=True)
+class ImageTokenIds:
+    """Ids of ``<|begin_of_image|>``, ``<|image|>`` and ``<|end_of_image|>`` in the model's vocabulary."""
+
+    begin: int
+    image: int
+    end: int
+
+
+class PromptLayout:
+    """Cell keys, prompt token ids and image cell ranges of a list of segments."""
+
+    def __init__(self, segments: list[Segment], ids: ImageTokenIds) -> None:
+        self.segments = segments
+        self.ids = ids
+        self.keys: list[Any] = []
+        tokens: list[int] = []
+        self.images: list[tuple[int, int]] = []
+        for seg in segments:
+            if seg.tokens is not None:
+                self.keys.extend(seg.tokens.tolist())
+                tokens.extend(seg.tokens.tolist())
+            else:
+                assert seg.image is not None
+                self.keys.append(ids.begin)
+                start = len(self.keys)
+                self.keys.extend((seg.image.digest, i) for i in range(seg.image.n_tokens))
+                self.images.append((start, len(self.keys)))
+                self.keys.append(ids.end)
+                tokens.extend([ids.begin] + [ids.image] * seg.image.n_tokens + [ids.end])
+        self.tokens = np.asarray(tokens, dtype=np.int32)
+
+    def reusable_prefix(self, cached: list[Any]) -> int:
+        """How many leading cells of ``cached`` this prompt can keep (never ending inside an image)."""
+        n = 0
+        limit = min(len(cached), len(self.keys) - 1)  # the last cell is always evaluated (logits)
+        while n < limit and cached[n] == self.keys[n]:
+            n += 1
+        for start, end in self.images:
+            if start < n < end:
+                n = start
+        return n
+
+    def native_parts(self, skip: int) -> tuple[Any, int, list[Any]]:
+        """A ``glm4v_part`` array for the cells after the first ``skip``, its cell count, and the
+        numpy buffers that must stay alive during the native call."""
+        specs: list[tuple[str, Any]] = []
+        cell = 0
+        for seg in self.segments:
+            if seg.tokens is not None:
+                toks = seg.tokens
+                lo = max(0, skip - cell)
+                if lo < len(toks):
+                    specs.append(("text", toks[lo:]))
+                cell += len(toks)
+            else:
+                assert seg.image is not None
+                begin, body, end = cell, cell + 1, cell + 1 + seg.image.n_tokens
+                if skip <= begin:
+                    specs.append(("text", np.asarray([self.ids.begin], dtype=np.int32)))
+                if skip <= body:
+                    specs.append(("image", seg.image))
+                if skip <= end:
+                    specs.append(("text", np.asarray([self.ids.end], dtype=np.int32)))
+                cell = end + 1
+        keep: list[Any] = []
+        parts = ffi.new("glm4v_part[]", len(specs))
+        total = 0
+        for i, (kind, value) in enumerate(specs):
+            if kind == "text":
+                arr = np.ascontiguousarray(value, dtype=np.int32)
+                parts[i].tokens = ffi.from_buffer("int32_t[]", arr)
+                parts[i].n_tokens = len(arr)
+            else:
+                emb: ImageEmbedding = value
+                arr = np.ascontiguousarray(emb.array, dtype=np.float32)
+                parts[i].embd = ffi.from_buffer("float[]", arr)
+                parts[i].rows, parts[i].cols = emb.grid
+                parts[i].n_embd = arr.shape[1]
+            keep.append(arr)
+            total += len(arr)
+        return parts, total, keep
+
+
+class StopStrings:
+    """Finds stop strings in streamed text, holding back a tail that may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, text: str, final: bool) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found)."""
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        found = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if found:
+            self._held = ""
+            return buf[: min(found)], True
+        keep = 0 if final else max(
+            (k for s in self._stops for k in range(min(len(s) - 1, len(buf)), 0, -1) if buf.endswith(s[:k])),
+            default=0,
+        )
+        self._held = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep], False
