@@ -239,7 +239,12 @@ class Session:
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of ``text`` (no BOS is added; ``special`` parses pieces like ``<|user|>``)."""
-        data = text.encode("utf-8")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates, e.g. from os.fsdecode of bad bytes
+            raise ConfigError(f"the text is not valid Unicode ({exc.reason} at position {exc.start})") from exc
         with self._lock:
             h = self._h()
             n_out = ffi.new("int32_t *")

@@ -366,3 +366,33 @@ def test_stop_strings_must_be_non_empty_strings():
     with pytest.raises(ConfigError):
         GenerationConfig(stop=("",))
     assert GenerationConfig(stop="###").stop == ("###",)
+
+
+def test_text_that_is_not_valid_unicode_is_a_config_error(session, baseline):
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        session.evaluate(["[gMASK]<sop><|user|>\nbad \udcff text<|assistant|>\n"])
+    assert_still_works(session, baseline)
+
+
+def test_cancel_stops_a_stream_at_the_next_token_and_the_session_survives(session, baseline):
+    session.reset()
+    chunks = []
+    for chunk in session.stream(PROMPT, GenerationConfig(max_tokens=200, temperature=0.0, ignore_eos=True)):
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            session.cancel()
+    assert len(chunks) <= 4 and chunks[-1].finish_reason == "length"
+    assert_still_works(session, baseline)
+
+
+def test_cancel_from_another_thread_ends_generate(session, baseline):
+    import threading
+
+    session.reset()
+    config = GenerationConfig(max_tokens=session.n_ctx, temperature=0.0, ignore_eos=True)
+    timer = threading.Timer(0.05, session.cancel)
+    timer.start()
+    out = session.generate(PROMPT, config)
+    timer.join()
+    assert out.finish_reason == "length" and len(out.token_ids) <= session.n_ctx
+    assert_still_works(session, baseline)
