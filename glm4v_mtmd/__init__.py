@@ -14,6 +14,7 @@ from .errors import (
     SessionClosedError,
 )
 from .images import PreprocessedImage, preprocess
+from .selfcheck import sample_image
 from .session import Session
 from .types import (
     Evaluation,
@@ -47,6 +48,7 @@ __all__ = [
     "Timings",
     "draw_boxes",
     "engine_info",
+    "sample_image",
     "parse_boxes",
     "preprocess",
 ]
