@@ -1,0 +1,22 @@
+# Engine build options shared by the package build (CMakeLists.txt) and the benchmark's
+# llama-mtmd-cli build (bench/cli/CMakeLists.txt), so both run the same kernels.
+# Backend options (GGML_CUDA, GGML_VULKAN, GGML_METAL, ...) are left to the caller (CMAKE_ARGS).
+#
+# GLM4V_WITH_COMMON: build llama.cpp's common library too (needed by llama-mtmd-cli only).
+
+if(NOT DEFINED GLM4V_WITH_COMMON)
+  set(GLM4V_WITH_COMMON OFF)
+endif()
+set(BUILD_SHARED_LIBS ON CACHE BOOL "" FORCE)
+set(LLAMA_BUILD_COMMON ${GLM4V_WITH_COMMON} CACHE BOOL "" FORCE)
+set(LLAMA_BUILD_TOOLS OFF CACHE BOOL "" FORCE)
+set(LLAMA_BUILD_TESTS OFF CACHE BOOL "" FORCE)
+set(LLAMA_BUILD_EXAMPLES OFF CACHE BOOL "" FORCE)
+set(LLAMA_BUILD_SERVER OFF CACHE BOOL "" FORCE)
+set(LLAMA_BUILD_APP OFF CACHE BOOL "" FORCE)
+set(LLAMA_BUILD_MTMD ON CACHE BOOL "" FORCE)
+set(LLAMA_OPENSSL OFF CACHE BOOL "" FORCE)
+set(LLAMA_SUBPROCESS OFF CACHE BOOL "" FORCE)
+set(MTMD_VIDEO OFF CACHE BOOL "" FORCE)
+set(GGML_BUILD_TESTS OFF CACHE BOOL "" FORCE)
+set(GGML_BUILD_EXAMPLES OFF CACHE BOOL "" FORCE)
