@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
@@ -172,6 +173,7 @@ class Session:
         self._generated_pending: list[int] = []  # emitted ids not yet in the KV cache
         self._last_reused = 0
         self._n_prompt = 0
+        self._gen_buffers: dict[int, tuple[Any, ...]] = {}
 
     # ----------------------------------------------------------------------------- life cycle
 
@@ -429,14 +431,18 @@ class Session:
         )
         return len(tokens)
 
+    def _step_buffers(self, max_steps: int) -> tuple[Any, ...]:
+        """Output buffers of glm4v_gen_step, allocated once per step size rather than per token."""
+        bufs = self._gen_buffers.get(max_steps)
+        if bufs is None:
+            bufs = (ffi.new("char[]", _TEXT_CAP), ffi.new("int32_t *"), ffi.new("int32_t[]", max_steps),
+                    ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *"))
+            self._gen_buffers[max_steps] = bufs
+        return bufs
+
     def _step(self, max_steps: int) -> tuple[bytes, list[int], Optional[FinishReason]]:
         h = self._h()
-        text = ffi.new("char[]", _TEXT_CAP)
-        text_len = ffi.new("int32_t *")
-        toks = ffi.new("int32_t[]", max_steps)
-        n_toks = ffi.new("int32_t *")
-        finish = ffi.new("int32_t *")
-        stop_tok = ffi.new("int32_t *")
+        text, text_len, toks, n_toks, finish, stop_tok = self._step_buffers(max_steps)
         status = lib.glm4v_gen_step(h, max_steps, text, _TEXT_CAP, text_len, toks, max_steps, n_toks, finish, stop_tok)
         check(status, h, "generate")
         ids = list(ffi.unpack(toks, n_toks[0]))
@@ -566,14 +572,12 @@ class Session:
 
     # ----------------------------------------------------------------------------- chat
 
-    @property
+    @functools.cached_property
     def chat_template(self) -> Optional[str]:
         """The model's Jinja chat template from its GGUF metadata, if any."""
-        if not hasattr(self, "_chat_template"):
-            self._chat_template = self.metadata("tokenizer.chat_template")
-        return self._chat_template
+        return self.metadata("tokenizer.chat_template")
 
-    @property
+    @functools.cached_property
     def chat_family(self) -> Any:
         """The :class:`~glm4v_mtmd.chat.ChatFamily` (prompt format and default sampling) of this model."""
         from .chat import detect_family
