@@ -10,7 +10,11 @@ The pipeline (each step cites the transformers function it reproduces):
    white with ``np.round``; one channel is repeated. A PIL image passed directly gets no EXIF
    transpose (transformers applies none either).
 3. Size. ``smart_resize`` (factor 28, two temporal frames, Python rounding, upscaling of small
-   sides, aspect ratio at most 200, min/max pixels counting both frames).
+   sides, aspect ratio at most 200, min/max pixels counting both frames). One deliberate
+   difference: a side of 1 pixel is rejected (``MIN_IMAGE_SIDE``). Such an image holds no
+   spatial information (a tracking pixel, a broken download); transformers' PIL path would blow
+   it up to a 112x112 block of one colour and its array path misreads a (1, W, 3) array as
+   channels-first. Every image with both sides >= 2 px is prepared exactly as the reference.
 4. Resize. Pillow ``BICUBIC`` on the uint8 image, no ``reducing_gap``, stretched (no padding), as
    ``image_transforms.resize`` does. The engine receives this uint8 image; its sides are multiples
    of 28 and its token count is inside the engine's window, so llama.cpp neither resizes nor pads it.
@@ -42,6 +46,8 @@ FACTOR = PATCH_SIZE * MERGE_SIZE
 #: min_pixels / max_pixels per image token (two frames of a 28x28 block).
 PIXELS_PER_TOKEN = TEMPORAL_PATCH_SIZE * FACTOR * FACTOR
 MAX_ASPECT_RATIO = 200
+#: Smallest side accepted (pixels); see step 3 of the module docstring.
+MIN_IMAGE_SIDE = 2
 #: OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, the checkpoints' image_mean / image_std.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -239,6 +245,11 @@ def prepare_image(
 
     rgb = load_rgb(image, max_image_pixels=max_image_pixels)
     height, width = rgb.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise ImageError(
+            f"{_describe(image)} is {width}x{height}: each side must be at least {MIN_IMAGE_SIDE} pixels "
+            "(a 1-pixel side holds no picture to describe)"
+        )
     new_h, new_w = smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels, what=_describe(image))
     if (new_h, new_w) != (height, width):
         # image_transforms.resize: PIL resize of the uint8 image, reducing_gap=None.

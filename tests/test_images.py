@@ -110,7 +110,8 @@ SMALL_MAX = {"max_pixels": 1568 * 64}
 
 # (our input, reference input) makers, our keyword arguments; sizes are W x H as in the issue.
 CASES = [
-    pytest.param(_array_vs_pil(1, 1), {}, id="1x1-upscaled-to-84x84-like-reference"),
+    pytest.param(_array_vs_pil(2, 2), {}, id="2x2-smallest-accepted-upscaled-like-reference"),
+    pytest.param(_array_vs_pil(3, 2), {}, id="2x3-upscaled-like-reference"),
     pytest.param(_array_vs_pil(900, 27), {}, id="27x900-small-side-upscaled"),
     pytest.param(_array_vs_pil(28, 28), {}, id="28x28-below-min-pixels"),
     pytest.param(_array_vs_pil(57, 55), {}, id="55x57"),
@@ -223,7 +224,10 @@ def _jpeg_bytes() -> bytes:
     "image, kwargs, rule",
     [
         (np.zeros((0, 10, 3), dtype=np.uint8), {}, "both sides must be positive"),
-        (np.zeros((1, 201, 3), dtype=np.uint8), {}, "aspect ratio 201.0, above the model's limit of 200"),
+        (np.zeros((1, 1, 3), dtype=np.uint8), {}, "1x1: each side must be at least 2 pixels"),
+        (png_header_only(1, 1), {}, "1x1: each side must be at least 2 pixels"),
+        (np.zeros((300, 1, 3), dtype=np.uint8), {}, "1x300: each side must be at least 2 pixels"),
+        (np.zeros((2, 402, 3), dtype=np.uint8), {}, "aspect ratio 201.0, above the model's limit of 200"),
         (np.zeros((100, 100, 3), dtype=np.uint8), {"max_image_pixels": 9999}, "above max_image_pixels=9999"),
         (png_header_only(9000, 9000), {"max_image_pixels": 50_000_000}, "above max_image_pixels=50000000"),
         (png_header_only(20000, 20000), {"max_image_pixels": 10**9}, "Image.MAX_IMAGE_PIXELS"),
@@ -234,7 +238,7 @@ def _jpeg_bytes() -> bytes:
         (np.zeros((3, 40, 50), dtype=np.uint8), {}, "channels-last"),
         (12345, {}, "unsupported input"),
     ],
-    ids=["zero-side", "aspect-201", "over-max-image-pixels", "bomb-header-checked-before-decoding",
+    ids=["zero-side", "1x1-array", "1x1-png", "1x300-array", "aspect-201", "over-max-image-pixels", "bomb-header-checked-before-decoding",
          "over-pillow-limit", "truncated-png", "truncated-jpeg", "not-an-image", "uint16-array", "channels-first",
          "unsupported-type"],
 )
