@@ -238,7 +238,8 @@ def _jpeg_bytes() -> bytes:
         (np.zeros((3, 40, 50), dtype=np.uint8), {}, "channels-last"),
         (12345, {}, "unsupported input"),
     ],
-    ids=["zero-side", "1x1-array", "1x1-png", "1x300-array", "aspect-201", "over-max-image-pixels", "bomb-header-checked-before-decoding",
+    ids=["zero-side", "1x1-array", "1x1-png", "1x300-array",
+         "aspect-201", "over-max-image-pixels", "bomb-header-checked-before-decoding",
          "over-pillow-limit", "truncated-png", "truncated-jpeg", "not-an-image", "uint16-array", "channels-first",
          "unsupported-type"],
 )
