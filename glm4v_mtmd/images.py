@@ -13,7 +13,7 @@ The pipeline (each step cites the transformers function it reproduces):
    sides, aspect ratio at most 200, min/max pixels counting both frames). One deliberate
    difference: a side of 1 pixel is rejected (``MIN_IMAGE_SIDE``). Such an image holds no
    spatial information (a tracking pixel, a broken download); transformers' PIL path would blow
-   it up to a 112x112 block of one colour and its array path misreads a (1, W, 3) array as
+   it up to an 84x84 block of one colour and its array path misreads a (1, W, 3) array as
    channels-first. Every image with both sides >= 2 px is prepared exactly as the reference.
 4. Resize. Pillow ``BICUBIC`` on the uint8 image, no ``reducing_gap``, stretched (no padding), as
    ``image_transforms.resize`` does. The engine receives this uint8 image; its sides are multiples
