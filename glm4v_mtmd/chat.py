@@ -118,23 +118,33 @@ def normalize_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]
 
 def render_template(template: str, messages: list[dict[str, Any]], *, enable_thinking: Optional[bool],
                     add_generation_prompt: bool = True) -> str:
-    """Render a chat template as transformers' ``apply_chat_template`` does, in a Jinja sandbox."""
+    """Render a chat template as transformers' ``apply_chat_template`` does, in a bounded Jinja sandbox.
+
+    Raises:
+        ConfigError: the template fails, touches what the sandbox forbids, or exceeds its time or size
+            bounds (``glm4v_mtmd._sandbox``: 5 s, 8 Mi characters beyond twice the conversation's size).
+    """
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from ._sandbox import MAX_CHARS, BoundedEnvironment
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
     # transformers.utils.chat_template_utils._compile_jinja_template: same options and helpers.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    conversation = sum(len(_text_of(m.get("content", ""))) for m in messages)
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
+                             max_chars=MAX_CHARS + 2 * conversation)
     env.globals["raise_exception"] = raise_exception
     kwargs: dict[str, Any] = {"messages": messages, "add_generation_prompt": add_generation_prompt}
     if enable_thinking is not None:
         kwargs["enable_thinking"] = enable_thinking
     try:
-        return env.from_string(template).render(**kwargs)
-    except jinja2.TemplateError as exc:
+        return env.render_bounded(template, **kwargs)
+    except jinja2.TemplateError as exc:  # includes the sandbox's SecurityError and TemplateBoundsError
         raise ConfigError(f"the model's chat template failed to render: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - untrusted code: TypeError, RecursionError, MemoryError, ...
+        raise ConfigError(f"the model's chat template failed to render: {type(exc).__name__}: {exc}") from exc
 
 
 def _text_of(content: Any) -> str:

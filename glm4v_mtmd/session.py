@@ -14,9 +14,10 @@ import numpy as np
 
 from . import _native
 from ._cache import EmbeddingCache, content_key
-from ._gguf_probe import read_metadata
+from ._gguf_probe import read_header
 from ._native import check, ffi, lib
 from ._prompt import ImageTokenIds, PromptLayout, Segment, StopStrings
+from ._validate import check_glm4v_mmproj, check_text_model
 from .errors import ConfigError, ContextOverflowError, GenerationError, ModelLoadError, SessionClosedError
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -178,8 +179,8 @@ class Session:
     # ----------------------------------------------------------------------------- life cycle
 
     def _check_files(self) -> str:
-        meta = read_metadata(self.model_path, ("general.architecture",))
-        arch = str(meta.get("general.architecture", ""))
+        header = read_header(self.model_path)
+        arch = str(header.metadata.get("general.architecture", ""))
         if arch == "clip":
             raise ModelLoadError(
                 f"'{self.model_path}' is a projector (mmproj) file; pass it as mmproj_path and the "
@@ -190,8 +191,10 @@ class Session:
                 f"'{self.model_path}' is a '{arch or 'unknown'}' model; glm4v-mtmd runs GLM-4.xV text "
                 f"models ({', '.join(TEXT_ARCHITECTURES)})"
             )
+        check_text_model(header, arch, with_projector=self.mmproj_path is not None)
         if self.mmproj_path is not None:
-            pmeta = read_metadata(self.mmproj_path, ("general.architecture", "clip.projector_type"))
+            pheader = read_header(self.mmproj_path)
+            pmeta = pheader.metadata
             if pmeta.get("general.architecture") != "clip":
                 raise ModelLoadError(
                     f"'{self.mmproj_path}' is not a projector (mmproj) file (architecture "
@@ -200,6 +203,7 @@ class Session:
             ptype = pmeta.get("clip.projector_type")
             if ptype is not None and ptype != "glm4v":
                 raise ModelLoadError(f"'{self.mmproj_path}' is a '{ptype}' projector, not a GLM-4.xV one (glm4v)")
+            check_glm4v_mmproj(pheader)
         return arch
 
     def close(self) -> None:

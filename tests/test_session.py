@@ -255,7 +255,7 @@ def test_invalid_generation_config(kwargs):
         (b"definitely not an image", "cannot be decoded"),
         (np.zeros((0, 10, 3), dtype=np.uint8), "positive"),
         (np.zeros((10, 10, 3), dtype=np.float32), "uint8"),
-        (np.zeros((1, 300, 3), dtype=np.uint8), "aspect ratio"),
+        (np.zeros((2, 600, 3), dtype=np.uint8), "aspect ratio"),
         ("/no/such/image.png", "no such file"),
     ],
     ids=["garbage-bytes", "zero-side", "float-array", "aspect-ratio", "missing-file"],
