@@ -17,8 +17,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 def make_ffi() -> cffi.FFI:
     ffi = cffi.FFI()
     ffi.cdef((HERE / "glm4v_api.h").read_text(encoding="utf-8"))
-    # The log callback is implemented in Python (glm4v_mtmd/_log.py).
+    # The log callback is implemented in Python (glm4v_mtmd/_native.py).
     ffi.cdef('extern "Python" void glm4v_py_log(int, const char *, void *);')
+    # The interrupt poll too (glm4v_mtmd/_native.py): it lets Ctrl-C reach Python while C runs.
+    ffi.cdef('extern "Python" int32_t glm4v_py_poll(void *);')
     ffi.set_source("glm4v_mtmd._glm4v_cffi", '#include "glm4v.h"')
     return ffi
 

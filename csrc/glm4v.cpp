@@ -132,11 +132,23 @@ void begin_call(glm4v_session * s) {
 
 using namespace glm4v_detail;
 
+bool glm4v_session::poll_interrupt(bool rate_limited) {
+    if (!poll_fn) return false;
+    if (rate_limited) {
+        const double t = now_ms();
+        if (t - poll_last_ms < poll_interval_ms) return false;
+        poll_last_ms = t;
+    }
+    if (poll_fn(poll_user) == 0) return false;
+    cancel.store(true);
+    return true;
+}
+
 namespace {
 
 bool abort_cb(void * data) {
     auto * s = static_cast<glm4v_session *>(data);
-    return s->cancel.load();
+    return s->cancel.load() || s->poll_interrupt(true);
 }
 
 ggml_type kv_type_checked(int32_t t, bool & ok) {
@@ -341,6 +353,14 @@ glm4v_status glm4v_get_timings(const glm4v_session * s, glm4v_timings * out) {
     if (!s || !out) return GLM4V_ERR_INVALID_ARGUMENT;
     *out = s->timings;
     return GLM4V_OK;
+}
+
+void glm4v_set_interrupt_poll(glm4v_session * s, glm4v_poll_fn fn, void * user_data, int32_t interval_ms) {
+    if (!s) return;
+    s->poll_fn = fn;
+    s->poll_user = user_data;
+    s->poll_interval_ms = interval_ms > 0 ? interval_ms : 0.0;
+    s->poll_last_ms = 0.0;
 }
 
 void glm4v_cancel(glm4v_session * s) {

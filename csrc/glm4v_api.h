@@ -123,6 +123,11 @@ glm4v_status glm4v_meta_str(const glm4v_session *s, const char *key, char *buf, 
 glm4v_status glm4v_get_timings(const glm4v_session *s, glm4v_timings *out);
 /* Ask a running eval/encode/generation to stop at its next safe point (thread-safe). */
 void glm4v_cancel(glm4v_session *s);
+/* Interrupt polling (for Ctrl-C): fn(user_data) is called before every generated token and, at most every
+   interval_ms, while the engine computes a batch; a non-zero return cancels the running call as
+   glm4v_cancel() does. fn = NULL turns polling off. Not thread-safe with a running call on s. */
+typedef int32_t (*glm4v_poll_fn)(void *user_data);
+void glm4v_set_interrupt_poll(glm4v_session *s, glm4v_poll_fn fn, void *user_data, int32_t interval_ms);
 
 /* ---- vocabulary ---- */
 /* On GLM4V_ERR_BUFFER_TOO_SMALL, *n_out holds the required size. */

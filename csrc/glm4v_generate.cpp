@@ -73,7 +73,7 @@ glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_ou
         int32_t steps = 0;
         while (s->finish == GLM4V_FINISH_NONE && steps < max_steps && *n_tokens < tokens_cap &&
                (int32_t) s->pending_text.size() < text_cap / 2) {
-            if (s->cancel.load()) {
+            if (s->cancel.load() || s->poll_interrupt(false)) {
                 s->finish = GLM4V_FINISH_CANCELLED;
                 break;
             }

@@ -35,6 +35,13 @@ struct glm4v_session {
 
     std::string last_error;
     std::atomic<bool> cancel{false};
+    glm4v_poll_fn poll_fn = nullptr;  // see glm4v_set_interrupt_poll
+    void * poll_user = nullptr;
+    double poll_interval_ms = 50.0;
+    double poll_last_ms = 0.0;
+
+    // Ask poll_fn whether to stop (rate_limited: at most every poll_interval_ms); sets cancel if so.
+    bool poll_interrupt(bool rate_limited);
 
     // KV bookkeeping: for every cell, the position the next cell would take after it, and
     // which image it belongs to (0 for text).

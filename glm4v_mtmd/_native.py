@@ -68,9 +68,41 @@ def raise_status(status: int, handle: Any = None, context: str = "") -> NoReturn
 
 
 def check(status: int, handle: Any = None, context: str = "") -> None:
-    """Raise a typed exception unless ``status`` is GLM4V_OK."""
+    """Raise a typed exception unless ``status`` is GLM4V_OK (a Ctrl-C caught by the poll first)."""
+    if _pending_interrupts:
+        exc = _pending_interrupts.pop()
+        _pending_interrupts.clear()
+        raise exc
     if status != lib.GLM4V_OK:
         raise_status(status, handle, context)
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C: while C code runs, Python's SIGINT handler cannot run. The engine calls glm4v_py_poll
+# before every generated token and every 50 ms of batch computation; entering Python runs the
+# pending handler, whose KeyboardInterrupt lands in _poll_error: the engine is told to stop and
+# `check` re-raises the exception once the C call has returned (with the KV cache consistent).
+# ---------------------------------------------------------------------------------------
+
+_pending_interrupts: list[BaseException] = []
+POLL_INTERVAL_MS = 50
+
+
+def _poll_error(exc_type: Any, exc_value: BaseException, traceback: Any) -> int:
+    _pending_interrupts.append(exc_value)
+    return 1
+
+
+@ffi.def_extern(onerror=_poll_error)
+def glm4v_py_poll(user_data: Any) -> int:
+    return 0  # signal handlers run on entry; one that raises ends up in _poll_error
+
+
+def arm_interrupts(handle: Any) -> None:
+    """Poll for Ctrl-C during the next calls on ``handle`` if this is the main thread (the only one
+    Python delivers signals to); elsewhere polling would only cost a GIL round trip per token."""
+    main = threading.current_thread() is threading.main_thread()
+    lib.glm4v_set_interrupt_poll(handle, lib.glm4v_py_poll if main else ffi.NULL, ffi.NULL, POLL_INTERVAL_MS)
 
 
 # ---------------------------------------------------------------------------------------

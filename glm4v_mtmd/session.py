@@ -92,8 +92,13 @@ class Session:
         image_cache_mb: size of the LRU cache of image embeddings keyed by image content (0 = off);
             a conversation re-sends its images every turn, and they are encoded once.
 
-    A session is a context manager; :meth:`close` is idempotent. Calls on one session
-    are serialised by a lock, so it may be shared between threads.
+    A session is a context manager; :meth:`close` is idempotent.
+
+    Threads: engine work releases the GIL, so sessions in different threads run in parallel. Calls
+    on one session are serialised: a generation (``generate``, ``chat`` or an open ``stream``) holds
+    the session until it finishes, and other threads' calls wait for it. The same thread starting
+    another call while its own stream is still open gets a :class:`GenerationError` (finish or
+    ``close()`` the stream first) rather than a deadlock.
     """
 
     def __init__(
@@ -115,6 +120,8 @@ class Session:
     ) -> None:
         self._handle: Any = None
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._gen_owner: Optional[int] = None  # thread ident of the open generation, if any
         _check_positive("n_ctx", n_ctx)
         _check_positive("n_threads", n_threads, allow_none=True)
         _check_positive("n_batch", n_batch)
@@ -233,6 +240,7 @@ class Session:
     def _h(self) -> Any:
         if self._handle is None:
             raise SessionClosedError("the session is closed; create a new Session")
+        _native.arm_interrupts(self._handle)
         return self._handle
 
     def cancel(self) -> None:
@@ -365,7 +373,18 @@ class Session:
             raise GenerationError("this model's vocabulary has no image tokens (<|begin_of_image|>, <|image|>)")
         return segments
 
+    def _wait_idle(self) -> None:
+        """With the lock held: wait until no generation of another thread is open (see the class doc)."""
+        while self._gen_owner is not None:
+            if self._gen_owner == threading.get_ident():
+                raise GenerationError(
+                    "a stream is still open on this Session in this thread: exhaust it or call its close() "
+                    "before starting another call"
+                )
+            self._idle.wait()
+
     def _evaluate(self, parts: Sequence[PromptPart]) -> tuple[np.ndarray, np.ndarray, int]:
+        self._wait_idle()
         segments = self._segments(parts)
         layout = PromptLayout(segments, self.image_token_ids)
         keys = layout.keys
@@ -486,23 +505,30 @@ class Session:
         config = config or GenerationConfig()
         with self._lock:
             self._n_prompt = self._begin(parts, config)
-        stops = StopStrings(config.stop)
-        reason: Optional[FinishReason] = None
-        while reason is None:
+            self._gen_owner = threading.get_ident()
+        try:
+            stops = StopStrings(config.stop)
+            reason: Optional[FinishReason] = None
+            while reason is None:
+                with self._lock:
+                    raw, ids, reason = self._step(tokens_per_step)
+                text, hit = stops.feed(raw.decode("utf-8", "replace"), final=reason is not None)
+                if hit:
+                    reason = "stop"
+                if text or ids or reason is not None:
+                    yield StreamChunk(text=text, token_ids=tuple(ids), finish_reason=reason)
+        finally:  # also when the stream is closed early, garbage-collected or interrupted
             with self._lock:
-                raw, ids, reason = self._step(tokens_per_step)
-            text, hit = stops.feed(raw.decode("utf-8", "replace"), final=reason is not None)
-            if hit:
-                reason = "stop"
-            if text or ids or reason is not None:
-                yield StreamChunk(text=text, token_ids=tuple(ids), finish_reason=reason)
+                self._gen_owner = None
+                self._idle.notify_all()
 
     def generate(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig] = None) -> GenerationResult:
         """Evaluate ``parts`` and generate a reply; the sampling loop runs in C."""
         config = config or GenerationConfig()
-        # Several tokens per call into C (Ctrl-C is seen between calls); fewer when a stop string may end early.
-        chunks = list(self._chunks(parts, config, 16 if config.stop else 64))
+        # Several tokens per call into C (the engine polls for Ctrl-C and cancel() before every token);
+        # fewer when a stop string may end the generation early.
         with self._lock:
+            chunks = list(self._chunks(parts, config, 16 if config.stop else 64))
             return GenerationResult(
                 text="".join(c.text for c in chunks),
                 token_ids=tuple(t for c in chunks for t in c.token_ids),
@@ -514,7 +540,9 @@ class Session:
     def stream(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig] = None) -> Iterator[StreamChunk]:
         """Like :meth:`generate`, yielding :class:`StreamChunk` s as text is produced.
 
-        Chunks hold complete UTF-8 characters only; the last chunk has ``finish_reason``.
+        Chunks hold complete UTF-8 characters only; the last chunk has ``finish_reason``. From its
+        first chunk until it is exhausted or closed, the stream holds the session: other threads'
+        calls wait, and this thread's raise :class:`GenerationError`.
         """
         return self._chunks(parts, config, 1)
 
@@ -528,6 +556,7 @@ class Session:
     def reset(self) -> None:
         """Empty the KV cache."""
         with self._lock:
+            self._wait_idle()
             h = self._h()
             check(lib.glm4v_kv_truncate(h, 0), h)
             self._keys = []
