@@ -103,6 +103,15 @@ def check_text_model(header: Header, arch: str, *, with_projector: bool) -> None
                 "it cannot have"
             )
     sections = meta.get(f"{arch}.rope.dimension_sections")
+    if isinstance(sections, GGUFArray) and sections.values:
+        # ggml_mrope_cache_init asserts that the sections fit in the rotated dimensions.
+        head = number("embedding_length") // max(1, number("attention.head_count", 1))
+        n_rot = number("rope.dimension_count", head)
+        if any(v < 0 for v in sections.values) or sum(sections.values[:4]) > n_rot:
+            raise ModelLoadError(
+                f"'{path}' is corrupt ({arch}.rope.dimension_sections {list(sections.values)} do not fit "
+                f"{n_rot} rotated dimensions)"
+            )
     if with_projector and not (isinstance(sections, GGUFArray) and sections.values and len(sections.values) >= 2
                                and sections.values[0] > 0 and sections.values[1] > 0):
         raise ModelLoadError(
@@ -141,6 +150,8 @@ def check_glm4v_mmproj(header: Header) -> None:
         raise ModelLoadError(
             f"'{path}' is corrupt: spatial_merge_size {n_merge}, image_size {image_size}, patch size {patch}"
         )
+    if n_layer * len(_REQUIRED_BLOCK) > len(tensors):
+        raise ModelLoadError(f"'{path}' is corrupt: block_count is {n_layer}, but it holds only {len(tensors)} tensors")
     missing = [n for n in _REQUIRED if n not in tensors]
     missing += [f"v.blk.{i}.{n}" for i in range(n_layer) for n in _REQUIRED_BLOCK if f"v.blk.{i}.{n}" not in tensors]
     if missing:

@@ -116,6 +116,24 @@ def test_absurd_layer_count_is_refused(gguf_pair, tmp_path):
         _load(bad, mmproj)
 
 
+def test_mrope_sections_larger_than_the_rotated_dimensions_are_refused(gguf_pair, tmp_path):
+    # ggml_mrope_cache_init asserts sum(sections) <= n_rot, at the first image.
+    model, mmproj = gguf_pair("glm4v", outtype="f16")
+    data = model.read_bytes()
+    at = data.index(b"glm4.rope.dimension_sections") + len(b"glm4.rope.dimension_sections") + 4 + 4 + 8
+    bad = _patched(model, tmp_path / "model.gguf", [(at + 8, struct.pack("<i", 246))])  # the third section
+    with pytest.raises(ModelLoadError, match="dimension_sections .* do not fit"):
+        _load(bad, mmproj)
+
+
+def test_projector_block_count_beyond_its_tensors_is_refused_quickly(gguf_pair, tmp_path):
+    model, mmproj = gguf_pair("glm4v", outtype="f16")
+    at = gguf_fuzz.layout(mmproj).keys["clip.vision.block_count"]
+    bad = _patched(mmproj, tmp_path / "mmproj.gguf", [(at + 4, struct.pack("<I", 8_000_000))])
+    with pytest.raises(ModelLoadError, match="block_count is"):
+        _load(model, bad)
+
+
 def test_type_table_matches_gguf_py():
     import gguf
 
