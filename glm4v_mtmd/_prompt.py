@@ -131,3 +131,38 @@ class StopStrings:
         )
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[: len(buf) - keep], False
+
+
+class PositionLog:
+    """The (t, h, w) M-RoPE position of every KV cell; appending is amortised O(1) per cell.
+
+    A generation appends one cell per token: re-concatenating the whole history each time made the
+    per-token cost grow with the output length.
+    """
+
+    def __init__(self) -> None:
+        self._buf = np.zeros((256, 3), dtype=np.int32)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def truncate(self, n: int) -> None:
+        self._n = min(n, self._n)
+
+    def extend(self, rows: np.ndarray) -> None:
+        need = self._n + len(rows)
+        if need > len(self._buf):
+            grown = np.zeros((max(need, 2 * len(self._buf)), 3), dtype=np.int32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : need] = rows
+        self._n = need
+
+    def extend_text(self, start: int, n: int) -> None:
+        """``n`` text cells at positions ``start, start + 1, ...`` (the same value on all three axes)."""
+        self.extend(np.repeat(np.arange(start, start + n, dtype=np.int32)[:, None], 3, axis=1))
+
+    def array(self) -> np.ndarray:
+        """A copy of the positions, int32 ``[cells, 3]``."""
+        return self._buf[: self._n].copy()

@@ -16,7 +16,7 @@ from . import _native
 from ._cache import EmbeddingCache, content_key
 from ._gguf_probe import read_header
 from ._native import check, ffi, lib
-from ._prompt import ImageTokenIds, PromptLayout, Segment, StopStrings
+from ._prompt import ImageTokenIds, PositionLog, PromptLayout, Segment, StopStrings
 from ._validate import check_glm4v_mmproj, check_text_model
 from .errors import ConfigError, ContextOverflowError, GenerationError, ModelLoadError, SessionClosedError
 from .images import (
@@ -177,7 +177,7 @@ class Session:
         # What the KV cache holds: a key per cell (token id, or (image digest, index)) and
         # its positions, so a new prompt can reuse the longest common prefix.
         self._keys: list[Any] = []
-        self._positions = np.zeros((0, 3), dtype=np.int32)
+        self._positions = PositionLog()
         self._generated_pending: list[int] = []  # emitted ids not yet in the KV cache
         self._last_reused = 0
         self._n_prompt = 0
@@ -400,7 +400,7 @@ class Session:
         if reuse < lib.glm4v_n_cells(h):
             check(lib.glm4v_kv_truncate(h, reuse), h, "evaluate")
         self._keys = self._keys[:reuse]
-        self._positions = self._positions[:reuse]
+        self._positions.truncate(reuse)
         self._generated_pending = []
         c_parts, n_new, keep = layout.native_parts(reuse)
         positions = np.empty((n_new, 3), dtype=np.int32)
@@ -408,9 +408,9 @@ class Session:
         del keep
         check(status, h, "evaluate")
         self._keys = keys
-        self._positions = np.concatenate([self._positions, positions])
+        self._positions.extend(positions)
         self._last_reused = reuse
-        return layout.tokens, self._positions.copy(), reuse
+        return layout.tokens, self._positions.array(), reuse
 
     def evaluate(self, parts: Sequence[PromptPart]) -> Evaluation:
         """Evaluate a prompt and return its tokens, M-RoPE positions and last logits.
@@ -476,16 +476,11 @@ class Session:
             self._generated_pending.extend(ids)
             self._keys.extend(self._generated_pending[:extra])
             self._generated_pending = self._generated_pending[extra:]
-            self._positions = self._extend_text_positions(extra)
+            self._positions.extend_text(int(lib.glm4v_next_pos(h)) - extra, extra)
         else:
             self._generated_pending.extend(ids)
         reason = _FINISH.get(finish[0]) if finish[0] != lib.GLM4V_FINISH_NONE else None
         return ffi.unpack(text, text_len[0]), ids, reason
-
-    def _extend_text_positions(self, n: int) -> np.ndarray:
-        start = int(lib.glm4v_next_pos(self._h())) - n
-        new = np.repeat(np.arange(start, start + n, dtype=np.int32)[:, None], 3, axis=1)
-        return np.concatenate([self._positions, new])
 
     def _timings(self, prompt_tokens: int) -> Timings:
         t = ffi.new("glm4v_timings *")
@@ -560,7 +555,7 @@ class Session:
             h = self._h()
             check(lib.glm4v_kv_truncate(h, 0), h)
             self._keys = []
-            self._positions = np.zeros((0, 3), dtype=np.int32)
+            self._positions = PositionLog()
 
     def metadata(self, key: str) -> Optional[str]:
         """A metadata value of the text model as a string, or ``None`` if absent."""
