@@ -175,9 +175,9 @@ def read_header(path: Union[str, os.PathLike]) -> Header:
                 raise ModelLoadError(f"'{path}' is corrupt (tensor '{name}' has {n_dims} dimensions)")
             shape = struct.unpack(f"<{n_dims}Q", _read(f, 8 * n_dims, path))
             ggml_type, offset = struct.unpack("<IQ", _read(f, 12, path))
-            tensors[name] = _tensor_info(path, name, shape, ggml_type, offset, size)
-            if len(tensors) != _ + 1:
+            if name in tensors:
                 raise ModelLoadError(f"'{path}' is corrupt (tensor '{name}' appears twice)")
+            tensors[name] = _tensor_info(path, name, shape, ggml_type, offset, size)
         alignment = metadata.get("general.alignment", 32)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise ModelLoadError(f"'{path}' is corrupt (general.alignment={alignment!r})")

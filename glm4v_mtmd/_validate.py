@@ -102,18 +102,18 @@ def check_text_model(header: Header, arch: str, *, with_projector: bool) -> None
                 f"'{path}' is corrupt: tensor '{t.name}' (shape {list(t.shape)}) has a type (id {t.ggml_type}) "
                 "it cannot have"
             )
-    sections = meta.get(f"{arch}.rope.dimension_sections")
-    if isinstance(sections, GGUFArray) and sections.values:
+    entry = meta.get(f"{arch}.rope.dimension_sections")
+    sections = list(entry.values or ()) if isinstance(entry, GGUFArray) else []
+    if sections:
         # ggml_mrope_cache_init asserts that the sections fit in the rotated dimensions.
         head = number("embedding_length") // max(1, number("attention.head_count", 1))
         n_rot = number("rope.dimension_count", head)
-        if any(v < 0 for v in sections.values) or sum(sections.values[:4]) > n_rot:
+        if any(v < 0 for v in sections) or sum(sections[:4]) > n_rot:
             raise ModelLoadError(
-                f"'{path}' is corrupt ({arch}.rope.dimension_sections {list(sections.values)} do not fit "
+                f"'{path}' is corrupt ({arch}.rope.dimension_sections {sections} do not fit "
                 f"{n_rot} rotated dimensions)"
             )
-    if with_projector and not (isinstance(sections, GGUFArray) and sections.values and len(sections.values) >= 2
-                               and sections.values[0] > 0 and sections.values[1] > 0):
+    if with_projector and not (len(sections) >= 2 and sections[0] > 0 and sections[1] > 0):
         raise ModelLoadError(
             f"'{path}' has no M-RoPE sections ({arch}.rope.dimension_sections): it is a text-only GLM-4 "
             "conversion and cannot take images; convert the GLM-4.xV checkpoint itself (glm4v-mtmd convert), "

@@ -240,7 +240,6 @@ class Session:
     def _h(self) -> Any:
         if self._handle is None:
             raise SessionClosedError("the session is closed; create a new Session")
-        _native.arm_interrupts(self._handle)
         return self._handle
 
     def cancel(self) -> None:
@@ -396,6 +395,9 @@ class Session:
                 f"n_ctx is {self.n_ctx}; create the Session with a larger n_ctx or use fewer/smaller images"
             )
         h = self._h()
+        # Poll for Ctrl-C in this evaluation and in a generation that follows it (set once per call,
+        # not per token).
+        _native.arm_interrupts(h)
         reuse = layout.reusable_prefix(self._keys)
         if reuse < lib.glm4v_n_cells(h):
             check(lib.glm4v_kv_truncate(h, reuse), h, "evaluate")
@@ -484,7 +486,8 @@ class Session:
 
     def _timings(self, prompt_tokens: int) -> Timings:
         t = ffi.new("glm4v_timings *")
-        check(lib.glm4v_get_timings(self._h(), t), self._h())
+        h = self._h()
+        check(lib.glm4v_get_timings(h, t), h)
         return Timings(
             encode_ms=t.t_encode_ms,
             prompt_ms=t.t_eval_ms,

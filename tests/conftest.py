@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import tiny_models
 
+from glm4v_mtmd import GenerationConfig
+
 ARCHS = tiny_models.MODEL_KINDS
 
 
@@ -27,6 +29,12 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     out[: img.shape[0], : img.shape[1]] = img
     noise = rng.integers(0, 32, size=out.shape, dtype=np.uint8)
     return out // 2 + noise
+
+
+#: A prompt with one image and greedy settings: the tests that break a session check that it still gives
+#: the same ids for these afterwards.
+PROMPT = ["[gMASK]<sop><|user|>\n", random_image(84, 84, seed=3), "Describe this image.<|assistant|>\n"]
+GREEDY = GenerationConfig(max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="session")

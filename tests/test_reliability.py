@@ -20,13 +20,11 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import random_image
+from conftest import GREEDY, PROMPT, random_image
 from PIL import Image
 
 from glm4v_mtmd import GenerationConfig, GenerationError, Glm4vError, ImageError, Session
 
-PROMPT = ["[gMASK]<sop><|user|>\n", random_image(84, 84, seed=3), "Describe this image.<|assistant|>\n"]
-GREEDY = GenerationConfig(max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, ignore_eos=True)
 LONG = GenerationConfig(max_tokens=60_000, temperature=0.0, ignore_eos=True)
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import random_image
+from conftest import GREEDY, PROMPT, random_image
 
 import glm4v_mtmd
 from glm4v_mtmd import (
@@ -21,9 +21,6 @@ from glm4v_mtmd import (
     Session,
     SessionClosedError,
 )
-
-PROMPT = ["[gMASK]<sop><|user|>\n", random_image(84, 84, seed=3), "Describe this image.<|assistant|>\n"]
-GREEDY = GenerationConfig(max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
