@@ -152,7 +152,8 @@ def engine_info() -> dict[str, Any]:
 
     Returns a dict with ``engine_package`` (the pinned source distribution), ``engine_commit``
     (llama.cpp commit), ``engine_origin``, ``backends`` (compiled ggml backends),
-    ``source_dir`` (the engine source tree used by the build) and ``system_info``
+    ``source_dir`` (the engine source tree used by the build), ``patches`` (the files of
+    ``csrc/patches`` applied to it) and ``system_info``
     (the engine's CPU feature report).
     """
     from . import _build_info
@@ -164,6 +165,7 @@ def engine_info() -> dict[str, Any]:
         "backends": list(_build_info.BACKENDS),
         "build_type": _build_info.BUILD_TYPE,
         "source_dir": _build_info.ENGINE_SOURCE_DIR,
+        "patches": list(getattr(_build_info, "ENGINE_PATCHES", ())),
         "system_info": ffi.string(lib.glm4v_system_info()).decode("utf-8", "replace").strip(),
     }
 

@@ -1,0 +1,78 @@
+"""The engine patches of csrc/patches: applied to the pinned build, and their code paths still match
+the transformers reference.
+
+0001 changes ggml's tiled CPU flash-attention kernel, which runs only for 64 or more query rows
+(GGML_FA_TILE_Q): the parity tests' images have fewer patches and their prompts fewer tokens, so
+this file makes an image of 10 x 10 patches (one full 64-row query tile and a 36-row tail; KV tiles
+of 64 and 36 = four 8-key vector blocks and a 4-key scalar remainder) and a prompt of more than 64
+tokens, and checks both against the reference with flash attention forced on and off. The weights
+are F32 (our converter's exact mode) so that the F16 K/V of the attention are the only rounding;
+the bounds are the default mode's (tests/tolerances.py), which cover F16 K/V.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+import reference
+import tolerances
+from conftest import ARCHS, random_image
+
+import glm4v_mtmd
+from glm4v_mtmd import Session
+
+PATCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "patches"
+IMG_10x10 = random_image(140, 140, seed=7)  # 10 x 10 patches of 14 px
+LONG_PROMPT = [
+    "[gMASK]<sop><|user|>\n", IMG_10x10,
+    "Describe this image in detail: the objects, their colours, where they are and what they do.<|assistant|>\n",
+]
+
+
+def test_pinned_build_lists_every_patch():
+    info = glm4v_mtmd.engine_info()
+    expected = sorted(p.name for p in PATCH_DIR.glob("*.patch"))
+    assert expected, "csrc/patches holds no patch"
+    if info["engine_origin"] == "user checkout":
+        pytest.skip("built against a user checkout, which is never patched")
+    assert info["patches"] == expected
+
+
+@pytest.fixture(scope="module")
+def fa_sessions(gguf_pair):
+    """(flash attention on, off) sessions per arch: F32 GGUFs, the default F16 KV cache."""
+    opened: dict[str, tuple[Session, Session]] = {}
+
+    def get(arch: str) -> tuple[Session, Session]:
+        if arch not in opened:
+            model, mmproj = gguf_pair(arch, 0, "f32")
+            opened[arch] = tuple(Session(model, mmproj, n_ctx=512, n_threads=2, flash_attn=fa) for fa in (True, False))
+        return opened[arch]
+
+    yield get
+    for pair in opened.values():
+        for s in pair:
+            s.close()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiled_vision_attention_matches_reference(arch, fa_sessions, reference_model):
+    expected = reference.reference_image_features(reference_model(arch), IMG_10x10, f16_conv=True)
+    for session in fa_sessions(arch):
+        emb = session.encode_image(IMG_10x10).array
+        assert emb.shape == expected.shape == (25, emb.shape[1])
+        rel = np.linalg.norm(emb - expected) / np.linalg.norm(expected)
+        assert rel <= tolerances.EMBED_REL_L2_F16, f"relative L2 error {rel:.2e}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiled_prefill_attention_matches_reference(arch, fa_sessions, hf_checkpoint, reference_model):
+    inputs = reference.build_inputs(hf_checkpoint(arch), LONG_PROMPT)
+    assert inputs["input_ids"].shape[1] > 64  # at least one full query tile in the text model
+    ref_logits = reference.reference_last_logits(reference_model(arch), inputs)
+    for session in fa_sessions(arch):
+        ev = session.evaluate(LONG_PROMPT)
+        diff = float(np.max(np.abs(ev.logits - ref_logits)))
+        assert diff <= tolerances.LOGITS_MAX_ABS_F16, f"max |logit difference| {diff:.2e}"
