@@ -1,5 +1,6 @@
 """glm4v-mtmd: run GLM-4.xV vision-language models locally through llama.cpp's mtmd engine."""
 
+from ._cpu import cpu_features, preferred_float_type
 from ._native import engine_info
 from .boxes import Box, draw_boxes, parse_boxes
 from .errors import (
@@ -46,9 +47,11 @@ __all__ = [
     "SessionClosedError",
     "StreamChunk",
     "Timings",
+    "cpu_features",
     "draw_boxes",
     "engine_info",
     "sample_image",
     "parse_boxes",
+    "preferred_float_type",
     "preprocess",
 ]

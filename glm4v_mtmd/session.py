@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _native
 from ._cache import EmbeddingCache, content_key
+from ._cpu import precision_advice
 from ._gguf_probe import read_header
 from ._native import check, ffi, lib
 from ._prompt import ImageTokenIds, PositionLog, PromptLayout, Segment, StopStrings
@@ -139,6 +140,7 @@ class Session:
 
         self.model_path = os.fspath(model_path)
         self.mmproj_path = os.fspath(mmproj_path) if mmproj_path is not None else None
+        self._cpu_only = n_gpu_layers == 0 or _native.engine_info()["backends"] == ["CPU"]
         self.architecture = self._check_files()
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
@@ -211,6 +213,10 @@ class Session:
             if ptype is not None and ptype != "glm4v":
                 raise ModelLoadError(f"'{self.mmproj_path}' is a '{ptype}' projector, not a GLM-4.xV one (glm4v)")
             check_glm4v_mmproj(pheader)
+            if self._cpu_only:
+                advice = precision_advice([t.ggml_type for t in pheader.tensors.values() if len(t.shape) >= 2])
+                if advice:
+                    _native.logger.warning("%s: %s", self.mmproj_path, advice)
         return arch
 
     def close(self) -> None:

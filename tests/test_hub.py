@@ -15,9 +15,28 @@ FILES = ["GLM-4.6V-Flash-Q4_K_M.gguf", "GLM-4.6V-Flash-Q8_0.gguf", "mmproj-GLM-4
 
 
 def test_choose_by_quant_and_preferred_projector():
-    assert choose_files(FILES, "q4_k_m", None, "repo") == ("GLM-4.6V-Flash-Q4_K_M.gguf",
-                                                           "mmproj-GLM-4.6V-Flash-Q8_0.gguf")
-    assert choose_files(FILES, "Q8_0", "mmproj-GLM-4.6V-Flash-F16.gguf", "repo")[1] == "mmproj-GLM-4.6V-Flash-F16.gguf"
+    assert choose_files(FILES, "q4_k_m", None, "repo", prefer=("Q8_0", "F16")) == (
+        "GLM-4.6V-Flash-Q4_K_M.gguf", "mmproj-GLM-4.6V-Flash-Q8_0.gguf")
+    assert choose_files(FILES, "q4_k_m", None, "repo", prefer=("F16", "Q8_0"))[1] == "mmproj-GLM-4.6V-Flash-F16.gguf"
+    # an explicit mmproj= wins over any preference
+    assert choose_files(FILES, "Q8_0", "mmproj-GLM-4.6V-Flash-F16.gguf", "repo", prefer=("Q8_0",))[1] == (
+        "mmproj-GLM-4.6V-Flash-F16.gguf")
+
+
+@pytest.mark.parametrize("features, expected", [
+    (frozenset({"AVX2", "F16C", "FMA"}), "mmproj-GLM-4.6V-Flash-F16.gguf"),
+    (frozenset({"AVX2", "AVX512", "AVX512_BF16"}), "mmproj-GLM-4.6V-Flash-BF16.gguf"),
+])
+def test_default_projector_follows_the_cpu(monkeypatch, features, expected):
+    import glm4v_mtmd._cpu as cpu
+
+    monkeypatch.setattr(cpu, "cpu_features", lambda: features)
+    files = FILES + ["mmproj-GLM-4.6V-Flash-BF16.gguf"]
+    assert choose_files(files, "q4_k_m", None, "repo")[1] == expected
+    # without the preferred float type, F16 machines take Q8_0 before BF16; BF16 machines F16 first
+    rest = [f for f in files if f != expected]
+    second = "mmproj-GLM-4.6V-Flash-Q8_0.gguf" if expected.endswith("-F16.gguf") else "mmproj-GLM-4.6V-Flash-F16.gguf"
+    assert choose_files(rest, "q4_k_m", None, "repo")[1] == second
 
 
 def test_missing_quant_lists_the_available_files():
