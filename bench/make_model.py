@@ -9,7 +9,9 @@ picked by ``--preset``:
 
 - ``quick``: hidden 2048, 4 layers (~0.2 B text parameters) - for ``run.py --quick``;
 - ``1b``:    hidden 2048, 20 layers (~1.0 B text parameters) - the default full run;
-- ``9b``:    hidden 4096, 40 layers - GLM-4.1V-9B's real text shape (needs ~40 GB of disk).
+- ``9b``:    hidden 4096, 40 layers - GLM-4.1V-9B's real text shape (needs ~40 GB of disk);
+- ``first-image``: hidden 4096, 5 layers of the 9B shape (~1 B text parameters) - for
+  ``first_image.py``: the real encode cost and the real per-layer prefill cost.
 
 The vocabulary is the random checkpoint's tiny byte-level one (a few hundred tokens), so the
 output projection costs almost nothing; the real model's 151k-token head adds ~0.6 GFLOP/token.
@@ -57,6 +59,7 @@ PRESETS: dict[str, TextShape] = {
     "quick": TextShape(hidden=2048, layers=4, heads=16),
     "1b": TextShape(hidden=2048, layers=20, heads=16),
     "9b": TextShape(hidden=4096, layers=40, heads=32, ffn=13696),
+    "first-image": TextShape(hidden=4096, layers=5, heads=32, ffn=13696),
 }
 
 

@@ -1,7 +1,8 @@
 """Measurements that run in their own process (so each side's peak RSS is its own).
 
-``python workers.py package SPEC_JSON`` and ``python workers.py transformers SPEC_JSON`` print
-one JSON object on the last line of stdout. ``run.py`` starts them; they are not a public API.
+``python workers.py KIND SPEC_JSON`` (``package``, ``transformers``, ``first_image_package``,
+``first_image_transformers``) prints one JSON object on the last line of stdout. ``run.py`` and
+``first_image.py`` start them; they are not a public API.
 """
 
 from __future__ import annotations
@@ -132,11 +133,68 @@ def transformers_(spec: dict[str, Any]) -> dict[str, Any]:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 
+def first_image_package(spec: dict[str, Any]) -> dict[str, Any]:
+    """First encounter with an image: encode, prefill (image + text tokens) and decode, one request."""
+    from glm4v_mtmd import Session
+
+    image = _perturbed(Image.open(spec["image"]).convert("RGB"), spec.get("seed", 0))
+    with Session(spec["model"], spec["mmproj"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as s:
+        result, _ = _timed_generate(s, [PREFIX, image, spec["text"] + SUFFIX], spec["n_tokens"])
+    t = result.timings
+    return {"encode_ms": t.encode_ms, "prefill_ms": t.prompt_ms, "prompt_tokens": t.prompt_tokens,
+            "decode_tok_s": t.decode_tokens_per_s, "generated_tokens": t.generated_tokens}
+
+
+def _hf_prompt(tokenizer: Any, n_image_tokens: int, text: str) -> dict[str, Any]:
+    """The processor's input ids for PREFIX, one image of ``n_image_tokens``, ``text``, SUFFIX."""
+    import torch
+
+    prompt = (PREFIX + "<|begin_of_image|>" + "<|image|>" * n_image_tokens + "<|end_of_image|>"
+              + text + SUFFIX)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == image_id).int()}
+
+
+def first_image_transformers(spec: dict[str, Any]) -> dict[str, Any]:
+    """transformers' side of ``first_image_package``: ``get_image_features``, then the language model
+    over the whole prompt with those features (``mm_encoder_outputs``: no second encode), then decode."""
+    import torch
+    import transformers
+
+    import glm4v_mtmd
+
+    torch.set_num_threads(spec["n_threads"])
+    dtype = getattr(torch, spec["dtype"])
+    model = transformers.Glm4vForConditionalGeneration.from_pretrained(spec["hf_dir"], dtype=dtype).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(spec["hf_dir"])
+    pre = glm4v_mtmd.preprocess(spec["image"])
+    pixels, grid = torch.from_numpy(pre.pixel_values).to(dtype), torch.tensor([pre.grid])
+    inputs = _hf_prompt(tokenizer, pre.n_tokens, spec["text"])
+    with torch.inference_mode():
+        if spec.get("warmup", True):  # one small call: lazy initialisation is not charged to the image
+            model.get_image_features(pixel_values=pixels[:64], image_grid_thw=torch.tensor([[1, 8, 8]]))
+        t0 = time.perf_counter()
+        features = model.model.get_image_features(pixels, grid, return_dict=True)
+        t1 = time.perf_counter()
+        model(**inputs, image_grid_thw=grid, mm_encoder_outputs={"image": features}, logits_to_keep=1)
+        t2 = time.perf_counter()
+    out = {"dtype": spec["dtype"], "encode_ms": 1000 * (t1 - t0), "prefill_ms": 1000 * (t2 - t1),
+           "prompt_tokens": int(inputs["input_ids"].shape[1]),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    if spec.get("n_tokens"):
+        out["decode_tok_s"] = _hf_decode(model, tokenizer, spec["n_tokens"])
+    return out
+
+
+KINDS = {"package": package, "transformers": transformers_, "first_image_package": first_image_package,
+         "first_image_transformers": first_image_transformers}
+
+
 def main() -> None:
-    """``workers.py {package|transformers} SPEC_JSON``."""
+    """``workers.py KIND SPEC_JSON`` with KIND one of :data:`KINDS`."""
     kind, spec = sys.argv[1], json.loads(sys.argv[2])
-    result = package(spec) if kind == "package" else transformers_(spec)
-    print(json.dumps(result))
+    print(json.dumps(KINDS[kind](spec)))
 
 
 if __name__ == "__main__":

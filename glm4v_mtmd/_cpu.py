@@ -2,11 +2,13 @@
 
 The engine's matrix kernels for BF16 weights are fast only where the CPU backend was compiled
 with BF16 dot products (``AVX512_BF16``); elsewhere they convert element by element and F16
-wins. Measured with ``bench/first_image.py`` (real GLM-4.1V vision tower, 2 threads):
+wins. Measured with the real GLM-4.1V vision tower, 2 threads:
 
-- AVX2 + F16C, no BF16 (AMD EPYC): image encode F16 7.5 s, BF16 10.1 s (+35 %), Q8_0 10.2 s;
-- AVX512_BF16 (AMD EPYC, issue #8's table): encode F16 29.4 s, BF16 23.4 s (-20 %); prefill
-  F16 4.84 s, BF16 3.39 s.
+- AVX2 + F16C, no BF16 (AMD EPYC; ``bench/first_image.py``, 1008x756): BF16 weights took 1.22x
+  the F16 encode time and 1.45x the F16 prefill time (1.40x / 1.35x with ``--quick``); a Q8_0
+  projector encoded a 448x336 image in 10.2 s against F16's 7.5 s;
+- AVX512_BF16 (AMD EPYC, issue #8's table): encode F16 29.4 s, BF16 23.4 s; prefill F16 4.84 s,
+  BF16 3.39 s.
 
 The features are the ones the engine was *compiled* for (its own report), which is what decides
 which kernels run; with the default native build they are the build machine's.
@@ -71,5 +73,5 @@ def precision_advice(matrix_types: list[int], features: frozenset[str] | None = 
     if 2 * bf16 <= len(matrix_types):
         return None
     return ("BF16 weights run slowly on this CPU: the engine has no BF16 dot products here "
-            "(no AVX512_BF16), and an F16 file of the same weights encodes ~35 % faster "
+            "(no AVX512_BF16); the same weights in F16 encode an image 1.2-1.4x faster "
             "(convert with --mmproj-outtype f16, or pick the F16 projector)")

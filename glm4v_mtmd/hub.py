@@ -28,9 +28,9 @@ def projector_preference(float_type: Optional[str] = None) -> tuple[str, ...]:
     """Projector precisions in the order :func:`choose_files` prefers them on this machine.
 
     The precision the engine runs fastest here first (:func:`glm4v_mtmd.preferred_float_type`:
-    BF16 where the CPU backend has BF16 dot products, else F16), then the other float type
-    before Q8_0 only where BF16 is fast; Q8_0's integer kernels encoded 35 % slower than F16 on
-    an AVX2 CPU (see ``glm4v_mtmd._cpu``), and BF16 is as slow there.
+    BF16 where the CPU backend has BF16 dot products, else F16); BF16 comes last without BF16
+    kernels, after Q8_0, whose integer kernels encoded 1.36x slower than F16 on an AVX2 CPU
+    (see ``glm4v_mtmd._cpu``).
     """
     if float_type is None:
         from ._cpu import preferred_float_type

@@ -1,0 +1,172 @@
+"""First encounter with an image: glm4v_mtmd against transformers' fastest dtype on this machine.
+
+What a user waits for on the first question about a photo: the image encode, then the prefill of
+the image and text tokens; then the decode. The package runs with the weight precision
+``glm4v_mtmd.preferred_float_type()`` picks from the engine's CPU features (BF16 where the CPU has
+BF16 dot products, else F16) and, for comparison, with the other one; transformers (torch CPU)
+with each dtype is probed on a small image first and the faster one is measured on the real
+image, alternating with the package (package, transformers, transformers, package, ...; each run
+a fresh process). Writes ``results/<date>-<host>-first-image[-quick].json`` and a PNG chart.
+
+    python bench/first_image.py --quick   # GLM-4.1V vision tower, small text model, 448x336: ~10 min
+    python bench/first_image.py           # + GLM-4.1V-9B's text layer shape (5 layers), 1008x756
+
+Model (``make_model.py --preset first-image``): the real GLM-4.1V vision tower (depth 24, hidden
+1536, 12 heads, MLP 4096 wide, merger 4096 -> 13696 -> 4096) and 5 text layers of the 9B model's
+shape (hidden 4096, 32 / 2 heads, FFN 13696); random weights. Image: the package's sample picture
+stretched to 1008x756 (972 image tokens, 3,888 patches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import socket
+import sys
+from dataclasses import asdict, dataclass
+
+from make_model import build
+from report import Ratio, absolute_table, as_json, chart, markdown_table, ratio, summary
+from run import SCRATCH, col, machine, make_image, run_worker
+
+import glm4v_mtmd
+
+HERE = pathlib.Path(__file__).resolve().parent
+PROMPT_TEXT = "Describe this picture: its objects and colours."
+HF_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run measures; ``--quick`` and the full run differ only here."""
+
+    preset: str
+    image_size: tuple[int, int]
+    probe_size: tuple[int, int]
+    n_tokens: int
+    pairs: int
+    n_ctx: int
+
+
+QUICK = Plan("quick", (448, 336), (224, 168), 16, 2, 1024)
+FULL = Plan("first-image", (1008, 756), (336, 252), 32, 3, 2048)
+
+
+def probe_transformers(hf_dir: str, image: str, threads: int) -> tuple[str, list[dict]]:
+    """Each dtype on a small image (encode + prefill); the fastest one's name and all results."""
+    probes = []
+    for dtype in HF_DTYPES:
+        spec = {"hf_dir": hf_dir, "image": image, "dtype": dtype, "n_threads": threads, "text": PROMPT_TEXT}
+        probes.append(run_worker("first_image_transformers", spec))
+        print(f"  transformers {dtype} probe: {probes[-1]['encode_ms']:.0f} ms encode", file=sys.stderr)
+    fastest = min(probes, key=lambda p: p["encode_ms"] + p["prefill_ms"])
+    return fastest["dtype"], probes
+
+
+def measure(plan: Plan, files: dict[str, list[str]], image: str, threads: int, hf_dtype: str,
+            chosen: str) -> dict[str, list[dict]]:
+    """``plan.pairs`` pairs of (package with ``chosen`` precision, transformers ``hf_dtype``), alternating,
+    plus the package with the other precision once per pair."""
+    other = "bf16" if chosen == "f16" else "f16"
+    runs: dict[str, list[dict]] = {"package": [], "package_other": [], "transformers": []}
+
+    def package(precision: str, seed: int) -> dict:
+        model, mmproj = files[precision]
+        return run_worker("first_image_package", {"model": model, "mmproj": mmproj, "image": image,
+                                                  "text": PROMPT_TEXT, "n_tokens": plan.n_tokens,
+                                                  "n_ctx": plan.n_ctx, "n_threads": threads, "seed": seed})
+
+    def transformers(seed: int) -> dict:
+        return run_worker("first_image_transformers", {"hf_dir": files["hf_dir"][0], "image": image, "dtype": hf_dtype,
+                                                       "n_threads": threads, "text": PROMPT_TEXT,
+                                                       "n_tokens": plan.n_tokens})
+
+    for i in range(plan.pairs):
+        order = ("package", "transformers") if i % 2 == 0 else ("transformers", "package")
+        for side in order:
+            runs[side].append(package(chosen, i) if side == "package" else transformers(i))
+            print(f"  pair {i + 1}/{plan.pairs} {side}: encode {runs[side][-1]['encode_ms']:.0f} ms",
+                  file=sys.stderr, flush=True)
+        runs["package_other"].append(package(other, i))
+    return runs
+
+
+def ratios(runs: dict[str, list[dict]], chosen: str, hf_dtype: str) -> list[Ratio]:
+    """The issue's targets against transformers' fastest dtype, and the precision comparison."""
+    pkg, hf, other = runs["package"], runs["transformers"], runs["package_other"]
+    name = f"package {chosen.upper()} / transformers {hf_dtype}"
+    other_name = "bf16" if chosen == "f16" else "f16"
+    return [
+        ratio(f"image encode ms, {name}", col(pkg, "encode_ms"), col(hf, "encode_ms"), "<= 0.8"),
+        ratio(f"prefill ms (image + text tokens), {name}", col(pkg, "prefill_ms"), col(hf, "prefill_ms"), "<= 0.8"),
+        ratio(f"decode tok/s, {name}", col(pkg, "decode_tok_s"), col(hf, "decode_tok_s"), ">= 2",
+              higher_is_better=True),
+        ratio(f"image encode ms, package {other_name.upper()} / {chosen.upper()}", col(other, "encode_ms"),
+              col(pkg, "encode_ms")),
+        ratio(f"prefill ms, package {other_name.upper()} / {chosen.upper()}", col(other, "prefill_ms"),
+              col(pkg, "prefill_ms")),
+    ]
+
+
+def absolutes(runs: dict[str, list[dict]], probes: list[dict], chosen: str, hf_dtype: str) -> list[tuple]:
+    """Medians behind the ratios."""
+    other = "bf16" if chosen == "f16" else "f16"
+    rows = []
+    for label, key in ((f"package {chosen.upper()}", "package"), (f"package {other.upper()}", "package_other"),
+                       (f"transformers {hf_dtype}", "transformers")):
+        rows += [(f"{label} image encode", "ms", summary(col(runs[key], "encode_ms"))),
+                 (f"{label} prefill", "ms", summary(col(runs[key], "prefill_ms"))),
+                 (f"{label} decode", "tok/s", summary(col(runs[key], "decode_tok_s")))]
+    for p in probes:
+        rows.append((f"transformers {p['dtype']} probe encode + prefill (small image)", "ms",
+                     summary([p["encode_ms"] + p["prefill_ms"]])))
+    return rows
+
+
+def main() -> None:
+    """Build the model, probe, measure, write results/<date>-<host>-first-image[-quick].json + .png."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small text model and image, 2 pairs")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--pairs", type=int, help="override the number of pairs")
+    ap.add_argument("--scratch", type=pathlib.Path, default=SCRATCH, help="models go here")
+    args = ap.parse_args()
+    plan = QUICK if args.quick else FULL
+    if args.pairs:
+        plan = Plan(**{**asdict(plan), "pairs": args.pairs})
+
+    features = sorted(glm4v_mtmd.cpu_features())
+    chosen = glm4v_mtmd.preferred_float_type()
+    print(f"engine CPU features: {' '.join(features)}; preferred precision: {chosen}", file=sys.stderr)
+    files = build(plan.preset, args.scratch / "models", ["f16", "bf16"])
+    w, h = plan.image_size
+    image = str(make_image(plan.image_size, args.scratch / f"bench-{w}x{h}.png"))
+    probe_image = str(make_image(plan.probe_size, args.scratch / "bench-probe.png"))
+    hf_dtype, probes = probe_transformers(files["hf_dir"][0], probe_image, args.threads)
+    runs = measure(plan, files, image, args.threads, hf_dtype, chosen)
+
+    result = ratios(runs, chosen, hf_dtype)
+    table = absolutes(runs, probes, chosen, hf_dtype)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    stem = f"{now:%Y-%m-%d}-{socket.gethostname()}-first-image{'-quick' if args.quick else ''}"
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    data = {
+        "date": now.isoformat(timespec="seconds"), "mode": "quick" if args.quick else "full", "plan": asdict(plan),
+        "machine": machine(args.threads), "cpu_features": features, "preferred_float_type": chosen,
+        "transformers_fastest_dtype": hf_dtype, "transformers_probes": probes,
+        "ratios": [as_json(r) for r in result],
+        "absolute": [{"quantity": n, "unit": u, **s} for n, u, s in table],
+        "runs": runs,
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    chart(result, out_dir / f"{stem}.png", f"first image - {data['mode']} - {data['machine']['cpu'][:40]} - {chosen}")
+    print(markdown_table(result) + "\n\n" + absolute_table(table))
+    print(f"\nwrote {out_dir / stem}.json and .png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
