@@ -20,16 +20,13 @@ stretched to 1008x756 (972 image tokens, 3,888 patches).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
-import socket
 import sys
 from dataclasses import asdict, dataclass
 
 from make_model import build
-from report import Ratio, absolute_table, as_json, chart, markdown_table, ratio, summary
+from report import Ratio, ratio, save_results, summary
 from run import SCRATCH, col, machine, make_image, run_worker
 
 import glm4v_mtmd
@@ -150,23 +147,14 @@ def main() -> None:
 
     result = ratios(runs, chosen, hf_dtype)
     table = absolutes(runs, probes, chosen, hf_dtype)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    stem = f"{now:%Y-%m-%d}-{socket.gethostname()}-first-image{'-quick' if args.quick else ''}"
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
+    mode = "quick" if args.quick else "full"
     data = {
-        "date": now.isoformat(timespec="seconds"), "mode": "quick" if args.quick else "full", "plan": asdict(plan),
-        "machine": machine(args.threads), "cpu_features": features, "preferred_float_type": chosen,
-        "transformers_fastest_dtype": hf_dtype, "transformers_probes": probes,
-        "ratios": [as_json(r) for r in result],
-        "absolute": [{"quantity": n, "unit": u, **s} for n, u, s in table],
+        "mode": mode, "plan": asdict(plan), "machine": machine(args.threads), "cpu_features": features,
+        "preferred_float_type": chosen, "transformers_fastest_dtype": hf_dtype, "transformers_probes": probes,
         "runs": runs,
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
-    chart(result, out_dir / f"{stem}.png", f"first image - {data['mode']} - {data['machine']['cpu'][:40]} - {chosen}")
-    print(markdown_table(result) + "\n\n" + absolute_table(table))
-    print(f"\nwrote {out_dir / stem}.json and .png", file=sys.stderr)
-
+    save_results(HERE / "results", "-first-image" + ("-quick" if args.quick else ""), data, result, table,
+                 f"first image - {mode} - {data['machine']['cpu'][:40]} - {chosen}")
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import pathlib
+import socket
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -101,3 +105,20 @@ def chart(ratios: list[Ratio], path: pathlib.Path, title: str) -> None:
             tx = x(float(r.target.split()[1]))
             draw.line([(tx, y), (tx, y + row - 6)], fill="black", width=3)
     img.save(path)
+
+
+def save_results(out_dir: pathlib.Path, suffix: str, data: dict, ratios: list[Ratio],
+                 table: list[tuple[str, str, dict[str, float]]], title: str) -> pathlib.Path:
+    """``out_dir/<date>-<host><suffix>.json`` (``data`` with the date, the ratios and the table) and
+    the chart next to it; prints the Markdown tables. Returns the JSON path."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    stem = f"{now:%Y-%m-%d}-{socket.gethostname()}{suffix}"
+    out_dir.mkdir(exist_ok=True)
+    full = {"date": now.isoformat(timespec="seconds"), **data, "ratios": [as_json(r) for r in ratios],
+            "absolute": [{"quantity": n, "unit": u, **s} for n, u, s in table]}
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(full, indent=1), encoding="utf-8")
+    chart(ratios, out_dir / f"{stem}.png", title)
+    print(markdown_table(ratios) + "\n\n" + absolute_table(table))
+    print(f"\nwrote {out_dir / stem}.json and .png", file=sys.stderr)
+    return path

@@ -13,7 +13,6 @@ and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any
 from cli_target import RunSpec, build_cli, run_cli, run_measured
 from make_model import PRESETS, build
 from PIL import Image
-from report import Ratio, absolute_table, as_json, chart, markdown_table, ratio, summary
+from report import Ratio, ratio, save_results, summary
 
 import glm4v_mtmd
 
@@ -218,23 +217,15 @@ def numeric_summary(runs: list[dict]) -> dict[str, dict[str, float]]:
 def write_results(plan: Plan, args: argparse.Namespace, spec: RunSpec, runs: dict[str, list[dict]],
                   mem: dict[str, float], result: list[Ratio], table: list[tuple[str, str, dict[str, float]]]) -> None:
     """results/<date>-<host>[-quick].json, the chart next to it, and the Markdown tables on stdout."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    stem = f"{now:%Y-%m-%d}-{socket.gethostname()}{'-quick' if args.quick else ''}"
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
+    mode = "quick" if args.quick else "full"
     data = {
-        "date": now.isoformat(timespec="seconds"), "mode": "quick" if args.quick else "full", "plan": asdict(plan),
-        "spec": asdict(spec), "machine": machine(args.threads), "peers": peers(), "memory_model": mem,
-        "ratios": [as_json(r) for r in result],
-        "absolute": [{"quantity": n, "unit": u, **s} for n, u, s in table],
+        "mode": mode, "plan": asdict(plan), "spec": asdict(spec), "machine": machine(args.threads), "peers": peers(),
+        "memory_model": mem,
         "summary": {"cli": numeric_summary(runs["cli"]), "package": numeric_summary(runs["package"])},
         "runs": runs,
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
-    chart(result, out_dir / f"{stem}.png", f"glm4v_mtmd ratios - {data['mode']} - {data['machine']['cpu'][:60]}")
-    print(markdown_table(result) + "\n\n" + absolute_table(table))
-    print(f"\nwrote {out_dir / stem}.json and .png", file=sys.stderr)
-
+    save_results(HERE / "results", "-quick" if args.quick else "", data, result, table,
+                 f"glm4v_mtmd ratios - {mode} - {data['machine']['cpu'][:60]}")
 
 if __name__ == "__main__":
     main()
