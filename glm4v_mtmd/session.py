@@ -598,8 +598,9 @@ class Session:
         """Open the GGUF pair of a hub repository or a local directory.
 
         The text model is chosen by ``quant`` (the label in its file name, e.g. ``Q4_K_M``) and the
-        projector is the ``mmproj*.gguf`` file (``mmproj`` names one when there are several).
-        Remaining keyword arguments go to :class:`Session`. Needs ``huggingface_hub`` for repository ids.
+        projector is the ``mmproj*.gguf`` file (``mmproj`` names one; among several, the precision
+        this CPU runs fastest is taken: :func:`glm4v_mtmd.hub.projector_preference`). Remaining
+        keyword arguments go to :class:`Session`. Needs ``huggingface_hub`` for repository ids.
         """
         from .hub import resolve_pair
 
