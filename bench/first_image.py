@@ -8,8 +8,8 @@ with each dtype is probed on a small image first and the faster one is measured 
 image, alternating with the package (package, transformers, transformers, package, ...; each run
 a fresh process). Writes ``results/<date>-<host>-first-image[-quick].json`` and a PNG chart.
 
-    python bench/first_image.py --quick   # GLM-4.1V vision tower, small text model, 448x336: ~10 min
-    python bench/first_image.py           # + GLM-4.1V-9B's text layer shape (5 layers), 1008x756
+    python bench/first_image.py --quick   # GLM-4.1V vision tower, small text model, 448x336: ~3 min
+    python bench/first_image.py           # + GLM-4.1V-9B's text layer shape (5 layers), 1008x756: ~20 min
 
 Model (``make_model.py --preset first-image``): the real GLM-4.1V vision tower (depth 24, hidden
 1536, 12 heads, MLP 4096 wide, merger 4096 -> 13696 -> 4096) and 5 text layers of the 9B model's
