@@ -94,7 +94,8 @@ typedef struct glm4v_part {
 
 typedef struct glm4v_timings {
     double t_load_ms;
-    double t_encode_ms;       /* last image encode */
+    double t_preprocess_ms;   /* last image: the engine's pixel preprocessing (normalise, patch) */
+    double t_encode_ms;       /* last image: the vision encoder and projector (mtmd_encode_chunk) */
     double t_eval_ms;         /* last glm4v_eval */
     double t_sample_ms;       /* sampling during the current/last generation */
     double t_decode_ms;       /* decoding during the current/last generation */

@@ -194,7 +194,9 @@ glm4v_status glm4v_encode_image(glm4v_session * s, const uint8_t * rgb, int32_t 
         const mtmd_image_tokens * it = mtmd_input_chunk_get_tokens_image(chunk);
         const int32_t n_tokens = (int32_t) mtmd_image_tokens_get_n_tokens(it);
         const mtmd_decoder_pos last = mtmd_image_tokens_get_decoder_pos(it, 0, (size_t) n_tokens - 1);
+        const double t1 = now_ms();
         rc = mtmd_encode_chunk(s->mctx, chunk);
+        const double t2 = now_ms();
         if (rc != 0) {
             cleanup();
             if (s->cancel.load()) return fail(s, GLM4V_ERR_CANCELLED, "image encoding cancelled");
@@ -213,7 +215,8 @@ glm4v_status glm4v_encode_image(glm4v_session * s, const uint8_t * rgb, int32_t 
         }
         img->data.assign(embd, embd + (size_t) n_tokens * (size_t) img->n_embd);
         cleanup();
-        s->timings.t_encode_ms = now_ms() - t0;
+        s->timings.t_preprocess_ms = t1 - t0;
+        s->timings.t_encode_ms = t2 - t1;
         *out = img;
         return GLM4V_OK;
     }

@@ -182,6 +182,7 @@ class Session:
         self._positions = PositionLog()
         self._generated_pending: list[int] = []  # emitted ids not yet in the KV cache
         self._last_reused = 0
+        self._image_ms = [0.0, 0.0]
         self._n_prompt = 0
         self._gen_buffers: dict[int, tuple[Any, ...]] = {}
 
@@ -343,6 +344,10 @@ class Session:
             out = ffi.new("glm4v_image **")
             check(lib.glm4v_encode_image(h, ffi.from_buffer(prepared.pixels), width, height, out), h, "encode_image")
             img = ffi.gc(out[0], lib.glm4v_image_free)
+            t = ffi.new("glm4v_timings *")
+            check(lib.glm4v_get_timings(h, t), h)
+            self._image_ms[0] += t.t_preprocess_ms
+            self._image_ms[1] += t.t_encode_ms
             try:
                 n_tokens = lib.glm4v_image_n_tokens(img)
                 n_embd = lib.glm4v_image_n_embd(img)
@@ -390,6 +395,7 @@ class Session:
 
     def _evaluate(self, parts: Sequence[PromptPart]) -> tuple[np.ndarray, np.ndarray, int]:
         self._wait_idle()
+        self._image_ms = [0.0, 0.0]  # images encoded by this call: engine preprocessing, encoder
         segments = self._segments(parts)
         layout = PromptLayout(segments, self.image_token_ids)
         keys = layout.keys
@@ -495,7 +501,8 @@ class Session:
         h = self._h()
         check(lib.glm4v_get_timings(h, t), h)
         return Timings(
-            encode_ms=t.t_encode_ms,
+            preprocess_ms=self._image_ms[0],
+            encode_ms=self._image_ms[1],
             prompt_ms=t.t_eval_ms,
             decode_ms=t.t_decode_ms,
             sample_ms=t.t_sample_ms,

@@ -115,8 +115,22 @@ class ImageEmbedding:
 
 @dataclass(frozen=True)
 class Timings:
-    """Wall-clock timings of one call, in milliseconds (0 where a stage did not run)."""
+    """Wall-clock timings of one call, in milliseconds (0 where a stage did not run).
 
+    Attributes:
+        preprocess_ms: the engine's pixel preprocessing (normalise, cut into patches) of the
+            images this call encoded; resizing in Python (:func:`glm4v_mtmd.preprocess`) is not
+            included. 0 when every image came from the cache or as an :class:`ImageEmbedding`.
+        encode_ms: the vision encoder and projector on those images (what ``llama-mtmd-cli``
+            reports as the image encode time).
+        prompt_ms: evaluation of the prompt's new KV cells (text and image embeddings).
+        decode_ms: the forward passes over generated tokens (one per token after the first, whose
+            logits come from the prompt); ``generated_tokens`` counts those passes.
+        sample_ms: choosing every generated token from its logits.
+        prompt_tokens: the prompt's length in KV cells.
+    """
+
+    preprocess_ms: float = 0.0
     encode_ms: float = 0.0
     prompt_ms: float = 0.0
     decode_ms: float = 0.0

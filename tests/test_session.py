@@ -159,6 +159,16 @@ def test_timings_are_reported(session):
     assert out.timings.prompt_tokens == out.prompt_tokens == len(session.evaluate(PROMPT).tokens)
 
 
+def test_image_timings_count_only_the_images_this_call_encoded(session):
+    image = random_image(56, 84, seed=31)
+    first = session.generate([PROMPT[0], image, PROMPT[2]], GREEDY).timings
+    assert first.preprocess_ms > 0 and first.encode_ms > 0
+    emb = session.encode_image(random_image(56, 84, seed=32))
+    given = session.generate([PROMPT[0], emb, PROMPT[2]], GREEDY).timings
+    assert given.preprocess_ms == given.encode_ms == 0.0
+    assert given.prompt_ms > 0
+
+
 def test_close_is_idempotent_and_context_manager_closes(pair):
     s = Session(*pair, n_ctx=128, n_threads=1)
     s.close()
