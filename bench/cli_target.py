@@ -46,9 +46,11 @@ class RunSpec:
 def build_cli(build_dir: pathlib.Path, jobs: int = 2) -> pathlib.Path:
     """Configure and build ``llama-mtmd-cli`` (a no-op when up to date); returns the binary."""
     source = glm4v_mtmd.engine_info()["source_dir"]
-    if not (build_dir / "build.ninja").exists():
-        subprocess.run(["cmake", "-S", str(HERE / "cli"), "-B", str(build_dir), "-G", "Ninja",
-                        "-DCMAKE_BUILD_TYPE=Release", f"-DGLM4V_ENGINE_DIR={source}"], check=True)
+    # Configure every time (a second or two): the package's engine tree may have moved (a new patch
+    # set gets a new cache directory), and the CLI must be built from the same one.
+    subprocess.run(["cmake", "-S", str(HERE / "cli"), "-B", str(build_dir), "-G", "Ninja",
+                    "-DCMAKE_BUILD_TYPE=Release", f"-DGLM4V_ENGINE_DIR={source}"], check=True,
+                   stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-mtmd-cli", "-j", str(jobs)], check=True)
     return build_dir / "llama-mtmd-cli"
 

@@ -78,18 +78,21 @@ def read_through(paths: list[str]) -> None:
                 pass
 
 
-def interleaved(binary: pathlib.Path, spec: RunSpec, pairs: int) -> tuple[list[dict], list[dict]]:
-    """A B A B ...: CLI first in even pairs, package first in odd ones."""
-    cli, pkg = [], []
+def interleaved(binary: pathlib.Path, spec: RunSpec, pairs: int, with_lcp: bool) -> dict[str, list[dict]]:
+    """Rounds of one run per side, the order rotating (CLI, package; package, CLI; ... and with
+    llama-cpp-python measured: CLI, package, llama-cpp-python; package, llama-cpp-python, CLI; ...)."""
+    sides = ["cli", "package"] + (["llama_cpp_python"] if with_lcp else [])
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for i in range(pairs):
-        for side in (("cli", "pkg") if i % 2 == 0 else ("pkg", "cli")):
+        order = sides[i % len(sides):] + sides[:i % len(sides)]
+        for side in order:
             read_through([spec.model, spec.mmproj])
             if side == "cli":
-                cli.append(run_cli(binary, spec))
+                runs[side].append(run_cli(binary, spec))
             else:
-                pkg.append(run_worker("package", {**asdict(spec), "seed": i}))
-            print(f"  pair {i + 1}/{pairs} {side}: done", file=sys.stderr, flush=True)
-    return cli, pkg
+                runs[side].append(run_worker(side, {**asdict(spec), "seed": i}))
+            print(f"  round {i + 1}/{pairs} {side}: done", file=sys.stderr, flush=True)
+    return runs
 
 
 def transformers_reference(plan: Plan, hf_dir: str, image: str, threads: int) -> list[dict]:
@@ -119,7 +122,7 @@ def col(runs: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in runs]
 
 
-def ratios(cli: list[dict], pkg: list[dict], hf: list[dict], expected: float) -> list[Ratio]:
+def ratios(cli: list[dict], pkg: list[dict], hf: list[dict], lcp: list[dict], expected: float) -> list[Ratio]:
     """The issue's targets (package vs CLI, follow-up vs first) and its report-only ratios."""
     out = [
         ratio("decode tok/s, package / CLI", col(pkg, "decode_tok_s"), col(cli, "decode_tok_s"), ">= 0.97",
@@ -128,6 +131,15 @@ def ratios(cli: list[dict], pkg: list[dict], hf: list[dict], expected: float) ->
         ratio("image encode ms, package / CLI", col(pkg, "encode_ms"), col(cli, "encode_ms"), "<= 1.03"),
         ratio("follow-up TTFT / first TTFT", col(pkg, "ttft_follow_up_ms"), col(pkg, "ttft_first_ms"), "<= 0.1"),
     ]
+    if lcp:
+        out += [
+            ratio("decode tok/s streamed (wall clock), package / llama-cpp-python", col(pkg, "decode_stream_tok_s"),
+                  col(lcp, "decode_stream_tok_s"), higher_is_better=True),
+            ratio("follow-up TTFT, package / llama-cpp-python", col(pkg, "ttft_follow_up_ms"),
+                  col(lcp, "ttft_follow_up_ms")),
+            ratio("llama-cpp-python follow-up TTFT / its first TTFT", col(lcp, "ttft_follow_up_ms"),
+                  col(lcp, "ttft_first_ms")),
+        ]
     for ref in (r for r in hf if "error" not in r):
         out.append(ratio(f"decode tok/s, package / transformers {ref['dtype']}", col(pkg, "decode_tok_s"),
                          [ref["decode_tok_s"]], higher_is_better=True))
@@ -138,7 +150,7 @@ def ratios(cli: list[dict], pkg: list[dict], hf: list[dict], expected: float) ->
     return out
 
 
-def absolutes(cli: list[dict], pkg: list[dict], hf: list[dict], mem: dict[str, float],
+def absolutes(cli: list[dict], pkg: list[dict], hf: list[dict], lcp: list[dict], mem: dict[str, float],
               model_bytes: int) -> list[tuple[str, str, dict[str, float]]]:
     """Medians behind the ratios, plus decode bandwidth (text GGUF bytes read per token x tok/s)."""
     rows = []
@@ -149,8 +161,17 @@ def absolutes(cli: list[dict], pkg: list[dict], hf: list[dict], mem: dict[str, f
                  (f"{side} decode", "tok/s", summary(col(runs, "decode_tok_s"))),
                  (f"{side} decode bandwidth", "GB/s", summary(gbs)),
                  (f"{side} peak RSS", "MiB", summary([b / 2**20 for b in col(runs, "peak_rss")]))]
-    rows += [("package TTFT, first question", "ms", summary(col(pkg, "ttft_first_ms"))),
+    rows += [("package engine preprocessing of the image", "ms", summary(col(pkg, "preprocess_ms"))),
+             ("package TTFT, first question", "ms", summary(col(pkg, "ttft_first_ms"))),
              ("package TTFT, follow-up", "ms", summary(col(pkg, "ttft_follow_up_ms"))),
+             ("package decode, streamed (wall clock)", "tok/s", summary(col(pkg, "decode_stream_tok_s")))]
+    if lcp:
+        rows += [("llama-cpp-python TTFT, first question", "ms", summary(col(lcp, "ttft_first_ms"))),
+                 ("llama-cpp-python TTFT, follow-up", "ms", summary(col(lcp, "ttft_follow_up_ms"))),
+                 ("llama-cpp-python decode, streamed (wall clock)", "tok/s",
+                  summary(col(lcp, "decode_stream_tok_s"))),
+                 ("llama-cpp-python decode, its engine clock", "tok/s", summary(col(lcp, "engine_decode_tok_s")))]
+    rows += [
              ("files + KV + compute buffers", "MiB", summary([mem["expected_bytes"] / 2**20]))]
     for ref in (r for r in hf if "error" not in r):
         rows += [(f"transformers {ref['dtype']} get_image_features", "ms", summary([ref["image_features_ms"]])),
@@ -158,14 +179,13 @@ def absolutes(cli: list[dict], pkg: list[dict], hf: list[dict], mem: dict[str, f
     return rows
 
 
-def peers() -> dict[str, str]:
-    """Which optional peers are installed (llama-cpp-python is only noted: not measured yet)."""
-    note = {}
-    if importlib.util.find_spec("llama_cpp") is None:
-        note["llama-cpp-python"] = "not installed: skipped"
-    else:
-        note["llama-cpp-python"] = "installed, but its GLM4V multimodal path is not benchmarked yet"
-    return note
+def peers(lcp: list[dict], skipped: bool) -> dict[str, str]:
+    """What happened to each optional peer."""
+    if lcp:
+        return {"llama-cpp-python": f"measured: version {lcp[0]['version']}"}
+    if skipped:
+        return {"llama-cpp-python": "installed, skipped (--no-llama-cpp-python)"}
+    return {"llama-cpp-python": "not installed: skipped"}
 
 
 def machine(threads: int) -> dict[str, Any]:
@@ -184,6 +204,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--pairs", type=int, help="override the number of A/B pairs")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip llama-cpp-python even when installed")
     ap.add_argument("--scratch", type=pathlib.Path, default=SCRATCH, help="models and the CLI build go here")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
@@ -195,13 +216,16 @@ def main() -> None:
     image = make_image(plan.image_size, args.scratch / f"bench-{plan.image_size[0]}x{plan.image_size[1]}.png")
     model, mmproj = files[plan.outtype]
     spec = RunSpec(model, mmproj, str(image), PROMPT_TEXT, plan.n_tokens, plan.n_ctx, args.threads)
-    cli, pkg = interleaved(binary, spec, plan.pairs)
+    with_lcp = importlib.util.find_spec("llama_cpp") is not None and not args.no_llama_cpp_python
+    runs = interleaved(binary, spec, plan.pairs, with_lcp)
+    cli, pkg, lcp = runs["cli"], runs["package"], runs.get("llama_cpp_python", [])
     hf = [] if args.no_transformers else transformers_reference(plan, files["hf_dir"][0], str(image), args.threads)
 
     mem = memory_model(plan, [model, mmproj], statistics_median(col(pkg, "compute_buffers_mib")))
-    result = ratios(cli, pkg, hf, mem["expected_bytes"])
-    table = absolutes(cli, pkg, hf, mem, pathlib.Path(model).stat().st_size)
-    write_results(plan, args, spec, {"cli": cli, "package": pkg, "transformers": hf}, mem, result, table)
+    result = ratios(cli, pkg, hf, lcp, mem["expected_bytes"])
+    table = absolutes(cli, pkg, hf, lcp, mem, pathlib.Path(model).stat().st_size)
+    write_results(plan, args, spec, {**runs, "transformers": hf}, mem, result, table,
+                  peers(lcp, args.no_llama_cpp_python))
 
 
 def statistics_median(values: list[float]) -> float:
@@ -215,13 +239,14 @@ def numeric_summary(runs: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def write_results(plan: Plan, args: argparse.Namespace, spec: RunSpec, runs: dict[str, list[dict]],
-                  mem: dict[str, float], result: list[Ratio], table: list[tuple[str, str, dict[str, float]]]) -> None:
+                  mem: dict[str, float], result: list[Ratio], table: list[tuple[str, str, dict[str, float]]],
+                  peer_notes: dict[str, str]) -> None:
     """results/<date>-<host>[-quick].json, the chart next to it, and the Markdown tables on stdout."""
     mode = "quick" if args.quick else "full"
     data = {
-        "mode": mode, "plan": asdict(plan), "spec": asdict(spec), "machine": machine(args.threads), "peers": peers(),
+        "mode": mode, "plan": asdict(plan), "spec": asdict(spec), "machine": machine(args.threads), "peers": peer_notes,
         "memory_model": mem,
-        "summary": {"cli": numeric_summary(runs["cli"]), "package": numeric_summary(runs["package"])},
+        "summary": {side: numeric_summary(r) for side, r in runs.items() if r and side != "transformers"},
         "runs": runs,
     }
     save_results(HERE / "results", "-quick" if args.quick else "", data, result, table,

@@ -1,8 +1,9 @@
 """Measurements that run in their own process (so each side's peak RSS is its own).
 
-``python workers.py KIND SPEC_JSON`` (``package``, ``transformers``, ``first_image_package``,
-``first_image_transformers``) prints one JSON object on the last line of stdout. ``run.py`` and
-``first_image.py`` start them; they are not a public API.
+``python workers.py KIND SPEC_JSON`` (``package``, ``transformers``, ``llama_cpp_python``,
+``stream_llama_cpp_python``, ``first_image_package``, ``first_image_transformers``) prints one JSON
+object on the last line of stdout. ``run.py``, ``stream.py`` and ``first_image.py`` start them;
+they are not a public API.
 """
 
 from __future__ import annotations
@@ -51,15 +52,29 @@ def _timed_generate(session: Any, parts: list[Any], max_tokens: int) -> tuple[An
     return result, time.perf_counter() - t0
 
 
-def _follow_up(session: Any, image: Image.Image, seed: int) -> dict[str, float]:
-    """Time to first token of a first question about a new image and of a follow-up about it."""
+def _streamed(chunks: Any, t0: float) -> tuple[float, float]:
+    """(time to the first chunk, wall-clock decode tokens/s between the first and last chunk) of a
+    stream yielding one chunk per token; the rate counts the forward passes in that span."""
+    stamps = [time.perf_counter() for _ in chunks]
+    n = len(stamps)
+    rate = (n - 1) / (stamps[-1] - stamps[0]) if n > 1 and stamps[-1] > stamps[0] else 0.0
+    return stamps[0] - t0, rate
+
+
+def _follow_up(session: Any, image: Image.Image, seed: int, n_tokens: int) -> dict[str, float]:
+    """Time to first token of a first question about a new image and of a follow-up about it; the
+    follow-up's answer is streamed for ``n_tokens`` tokens (wall-clock decode rate as a user sees it)."""
+    from glm4v_mtmd import GenerationConfig
+
     session.reset()
     img = _perturbed(image, seed)
     first, t_first = _timed_generate(session, [PREFIX, img, FIRST_QUESTION + SUFFIX], 1)
     history = FIRST_QUESTION + SUFFIX + first.text + "<|user|>\n" + FOLLOW_UP + SUFFIX
-    _, t_follow = _timed_generate(session, [PREFIX, img, history], 1)
-    return {"ttft_first_ms": 1000 * t_first, "ttft_follow_up_ms": 1000 * t_follow,
-            "follow_up_reused_cells": session.last_reused}
+    config = GenerationConfig(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    ttft, rate = _streamed(session.stream([PREFIX, img, history], config), t0)
+    return {"ttft_first_ms": 1000 * t_first, "ttft_follow_up_ms": 1000 * ttft,
+            "follow_up_reused_cells": session.last_reused, "decode_stream_tok_s": rate}
 
 
 def package(spec: dict[str, Any]) -> dict[str, Any]:
@@ -76,12 +91,123 @@ def package(spec: dict[str, Any]) -> dict[str, Any]:
         load_s = time.perf_counter() - t0
         result, _ = _timed_generate(s, [PREFIX, image, spec["text"] + SUFFIX], spec["n_tokens"])
         t = result.timings
-        out = {"load_s": load_s, "encode_ms": t.encode_ms, "prompt_ms": t.prompt_ms,
+        out = {"load_s": load_s, "preprocess_ms": t.preprocess_ms, "encode_ms": t.encode_ms, "prompt_ms": t.prompt_ms,
                "prompt_tokens": t.prompt_tokens, "decode_ms": t.decode_ms,
                "generated_tokens": t.generated_tokens, "decode_tok_s": t.decode_tokens_per_s,
-               **_follow_up(s, image, spec.get("seed", 0))}
+               **_follow_up(s, image, spec.get("seed", 0), spec["n_tokens"])}
     out["compute_buffers_mib"] = sum(float(m) for line in collect.lines for m in _BUFFER.findall(line))
     return out
+
+
+# llama-cpp-python's multimodal chat handler with GLM-4.xV's prompt format (the same text as PREFIX /
+# SUFFIX above; the handler puts mtmd's image marker where the image URL is).
+_GLM_CHAT_FORMAT = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image_url' %}{{ c.image_url.url }}{% else %}{{ c.text }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}<|assistant|>\n"
+)
+
+
+def _banned_tokens(llm: Any) -> dict[int, float]:
+    """A -inf logit bias for llama-cpp-python (a per-token Python callback there) on end-of-generation
+    tokens (the package side ignores EOS in C), on tokens without text (so that every token streams
+    one chunk) and on tokens that are not valid UTF-8 on their own. With random weights most of the
+    byte-level vocabulary is not, and llama-cpp-python's stream then re-detokenizes the undecodable
+    tail on every token (quadratic: 25,579 detokenize calls for 256 tokens of the tiny model), which
+    would measure random bytes rather than text."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+
+    def allowed(i: int) -> bool:
+        try:
+            text = llm.detokenize([i]).decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return bool(text) and not llama_cpp.llama_vocab_is_eog(vocab, i)
+
+    return {i: float("-inf") for i in range(llm.n_vocab()) if not allowed(i)}
+
+
+def llama_cpp_python(spec: dict[str, Any]) -> dict[str, Any]:
+    """The package worker's TTFT and decode measurements through llama-cpp-python
+    (``Llava15ChatHandler``, its generic mtmd handler, with the GLM prompt format): a first question
+    about the image streamed for ``n_tokens`` tokens (time to first token, wall-clock decode rate),
+    then a follow-up question about the same image, with :func:`_banned_tokens`; the projector is
+    loaded before the clock starts, as the package's Session does."""
+    import base64
+
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    class GlmChatHandler(Llava15ChatHandler):
+        DEFAULT_SYSTEM_MESSAGE = None
+        CHAT_FORMAT = _GLM_CHAT_FORMAT
+
+    with open(spec["image"], "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    t0 = time.perf_counter()
+    handler = GlmChatHandler(clip_model_path=spec["mmproj"], verbose=False)
+    llm = llama_cpp.Llama(spec["model"], chat_handler=handler, n_ctx=spec["n_ctx"], n_batch=2048,
+                          n_threads=spec["n_threads"], n_threads_batch=spec["n_threads"], flash_attn=True,
+                          verbose=False)
+    handler._init_mtmd_context(llm)  # otherwise the first chat call loads the projector
+    load_s = time.perf_counter() - t0
+    banned = _banned_tokens(llm)
+
+    first = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": FIRST_QUESTION}]}
+    pieces: list[str] = []
+
+    def collect(chunks: Any) -> Any:  # one chunk per token: the role and finish chunks carry no content
+        for chunk in chunks:
+            if chunk["choices"][0]["delta"].get("content"):
+                pieces.append(chunk["choices"][0]["delta"]["content"])
+                yield chunk
+
+    t0 = time.perf_counter()
+    ttft, rate = _streamed(collect(llm.create_chat_completion(
+        [first], max_tokens=spec["n_tokens"], temperature=0.0, logit_bias=banned, stream=True)), t0)
+    perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+    follow = [first, {"role": "assistant", "content": "".join(pieces)}, {"role": "user", "content": FOLLOW_UP}]
+    t0 = time.perf_counter()
+    llm.create_chat_completion(follow, max_tokens=1, temperature=0.0)
+    t_follow = time.perf_counter() - t0
+    return {"load_s": load_s, "ttft_first_ms": 1000 * ttft, "ttft_follow_up_ms": 1000 * t_follow,
+            "decode_stream_tok_s": rate, "engine_decode_tok_s": 1000 * perf.n_eval / perf.t_eval_ms,
+            "engine_decode_runs": perf.n_eval, "version": llama_cpp.__version__}
+
+
+def stream_llama_cpp_python(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench/stream.py``'s measurement through llama-cpp-python: ``create_completion(stream=True)``
+    of ``spec["prompt"]`` (the package's rendered chat prompt) with the same sampling and a stop
+    string, wall-clock tokens/s against the engine's own prompt + decode (+ sampling, where its
+    sampler chain reports it) time of the same run, with :func:`_banned_tokens`."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(spec["model"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
+                          n_threads_batch=spec["n_threads"], flash_attn=True, verbose=False)
+    banned = _banned_tokens(llm)
+    runs = []
+    for n in [64] + [n for n in spec["tokens"] for _ in range(spec["runs"])]:  # the first is a warm-up
+        llm.reset()  # evaluate the prompt again, as the package's runs do after Session.reset()
+        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+        start = time.perf_counter()
+        for _ in llm.create_completion(spec["prompt"], max_tokens=n, temperature=1.0, top_k=0, top_p=1.0,
+                                       min_p=0.0, repeat_penalty=1.0, seed=len(runs), stop=[spec["stop"]],
+                                       logit_bias=banned, stream=True):
+            pass
+        wall = time.perf_counter() - start
+        perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+        sampler = getattr(getattr(llm, "_sampler", None), "sampler", None)
+        sample_ms = llama_cpp.llama_perf_sampler(sampler).t_sample_ms if sampler else 0.0
+        engine_s = (perf.t_p_eval_ms + perf.t_eval_ms + sample_ms) / 1000
+        runs.append({"tokens": n, "decoded": perf.n_eval, "wall_s": wall, "engine_s": engine_s,
+                     "sample_ms_counted": sample_ms, "tok_s": n / wall, "engine_tok_s": n / engine_s,
+                     "ratio": engine_s / wall, "overhead_us_per_token": (wall - engine_s) / n * 1e6})
+    return {"version": llama_cpp.__version__, "runs": runs[1:], "tokens_biased_out": len(banned),
+            "n_vocab": llm.n_vocab()}
 
 
 def _hf_decode(model: Any, tokenizer: Any, n_tokens: int) -> float:
@@ -141,8 +267,9 @@ def first_image_package(spec: dict[str, Any]) -> dict[str, Any]:
     with Session(spec["model"], spec["mmproj"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as s:
         result, _ = _timed_generate(s, [PREFIX, image, spec["text"] + SUFFIX], spec["n_tokens"])
     t = result.timings
-    return {"encode_ms": t.encode_ms, "prefill_ms": t.prompt_ms, "prompt_tokens": t.prompt_tokens,
-            "decode_tok_s": t.decode_tokens_per_s, "generated_tokens": t.generated_tokens}
+    return {"preprocess_ms": t.preprocess_ms, "encode_ms": t.encode_ms, "prefill_ms": t.prompt_ms,
+            "prompt_tokens": t.prompt_tokens, "decode_tok_s": t.decode_tokens_per_s,
+            "generated_tokens": t.generated_tokens}
 
 
 def _hf_prompt(tokenizer: Any, n_image_tokens: int, text: str) -> dict[str, Any]:
@@ -187,7 +314,8 @@ def first_image_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-KINDS = {"package": package, "transformers": transformers_, "first_image_package": first_image_package,
+KINDS = {"package": package, "transformers": transformers_, "llama_cpp_python": llama_cpp_python,
+         "stream_llama_cpp_python": stream_llama_cpp_python, "first_image_package": first_image_package,
          "first_image_transformers": first_image_transformers}
 
 
