@@ -1,13 +1,14 @@
 """Side-by-side benchmark: glm4v_mtmd vs llama-mtmd-cli (same engine source, flags, weights).
 
-Every measurement alternates the two sides (CLI, package, CLI, package, ...; each run is a fresh
-process so load order and peak RSS are per run) and reports the median of the per-pair ratios
-with their spread. transformers (torch CPU) gives reference numbers; llama-cpp-python is used
-when installed. Writes ``bench/results/<date>-<host>.json``, a PNG chart of the ratios next to it
-and prints a Markdown table.
+Every measurement runs the sides in rounds with a rotating order (CLI, package[, llama-cpp-python];
+package, ...; each run is a fresh process so load order and peak RSS are per run) and reports the
+median of the per-round ratios with their spread. llama-cpp-python is measured when installed
+(TTFT of a first and a follow-up question, streamed decode); transformers (torch CPU) gives
+reference numbers. Writes ``bench/results/<date>-<host>.json``, a PNG chart of the ratios next to
+it and prints a Markdown table.
 
-    python bench/run.py --quick      # ~0.2 B text model, 448x336 image, 5 pairs: a few minutes on 2 cores
-    python bench/run.py              # ~1 B text model (q4_k_m), 1024x768 image, 5 pairs
+    python bench/run.py --quick      # ~0.2 B text model, 448x336 image, 5 rounds: ~6.5 min on 2 cores
+    python bench/run.py --pairs 3    # ~1 B text model (q4_k_m), 1024x768 image: ~38 min on 2 cores
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def main() -> None:
     else:
         lcp_rows, version = llama_cpp_python_rows(model, prompt, args)
         rows += lcp_rows
-        peer = f"measured: version {version}, create_completion(stream=True), EOG tokens biased to -inf"
+        peer = (f"measured: version {version}, create_completion(stream=True); tokens that end generation, "
+                "have no text or are not UTF-8 on their own biased to -inf (workers._banned_tokens)")
 
     print("| mode | tokens | tok/s | engine tok/s (same runs) | ratio (median, min-max) | overhead µs/token |")
     print("|---|---|---|---|---|---|")

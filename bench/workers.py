@@ -182,8 +182,9 @@ def llama_cpp_python(spec: dict[str, Any]) -> dict[str, Any]:
 def stream_llama_cpp_python(spec: dict[str, Any]) -> dict[str, Any]:
     """``bench/stream.py``'s measurement through llama-cpp-python: ``create_completion(stream=True)``
     of ``spec["prompt"]`` (the package's rendered chat prompt) with the same sampling and a stop
-    string, wall-clock tokens/s against the engine's own prompt + decode (+ sampling, where its
-    sampler chain reports it) time of the same run, with :func:`_banned_tokens`."""
+    string, wall-clock tokens/s against the engine's own prompt + decode time of the same run (its
+    sampling time is not in that clock: the sampler chain is private to each call), with
+    :func:`_banned_tokens`."""
     import llama_cpp
 
     llm = llama_cpp.Llama(spec["model"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
@@ -200,11 +201,9 @@ def stream_llama_cpp_python(spec: dict[str, Any]) -> dict[str, Any]:
             pass
         wall = time.perf_counter() - start
         perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
-        sampler = getattr(getattr(llm, "_sampler", None), "sampler", None)
-        sample_ms = llama_cpp.llama_perf_sampler(sampler).t_sample_ms if sampler else 0.0
-        engine_s = (perf.t_p_eval_ms + perf.t_eval_ms + sample_ms) / 1000
+        engine_s = (perf.t_p_eval_ms + perf.t_eval_ms) / 1000
         runs.append({"tokens": n, "decoded": perf.n_eval, "wall_s": wall, "engine_s": engine_s,
-                     "sample_ms_counted": sample_ms, "tok_s": n / wall, "engine_tok_s": n / engine_s,
+                     "tok_s": n / wall, "engine_tok_s": n / engine_s,
                      "ratio": engine_s / wall, "overhead_us_per_token": (wall - engine_s) / n * 1e6})
     return {"version": llama_cpp.__version__, "runs": runs[1:], "tokens_biased_out": len(banned),
             "n_vocab": llm.n_vocab()}
