@@ -172,8 +172,7 @@ def absolutes(cli: list[dict], pkg: list[dict], hf: list[dict], lcp: list[dict],
                  ("llama-cpp-python decode, streamed (wall clock)", "tok/s",
                   summary(col(lcp, "decode_stream_tok_s"))),
                  ("llama-cpp-python decode, its engine clock", "tok/s", summary(col(lcp, "engine_decode_tok_s")))]
-    rows += [
-             ("files + KV + compute buffers", "MiB", summary([mem["expected_bytes"] / 2**20]))]
+    rows.append(("files + KV + compute buffers", "MiB", summary([mem["expected_bytes"] / 2**20])))
     for ref in (r for r in hf if "error" not in r):
         rows += [(f"transformers {ref['dtype']} get_image_features", "ms", summary([ref["image_features_ms"]])),
                  (f"transformers {ref['dtype']} decode", "tok/s", summary([ref["decode_tok_s"]]))]
