@@ -79,10 +79,13 @@ def read_through(paths: list[str]) -> None:
                 pass
 
 
-def interleaved(binary: pathlib.Path, spec: RunSpec, pairs: int, with_lcp: bool) -> dict[str, list[dict]]:
+def interleaved(binary: pathlib.Path, spec: RunSpec, pairs: int, with_lcp: bool,
+                package_kind: str = "package") -> dict[str, list[dict]]:
     """Rounds of one run per side, the order rotating (CLI, package; package, CLI; ... and with
-    llama-cpp-python measured: CLI, package, llama-cpp-python; package, llama-cpp-python, CLI; ...)."""
+    llama-cpp-python measured: CLI, package, llama-cpp-python; package, llama-cpp-python, CLI; ...).
+    The package side runs ``workers.py package_kind``."""
     sides = ["cli", "package"] + (["llama_cpp_python"] if with_lcp else [])
+    kinds = {"package": package_kind, "llama_cpp_python": "llama_cpp_python"}
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for i in range(pairs):
         order = sides[i % len(sides):] + sides[:i % len(sides)]
@@ -91,7 +94,7 @@ def interleaved(binary: pathlib.Path, spec: RunSpec, pairs: int, with_lcp: bool)
             if side == "cli":
                 runs[side].append(run_cli(binary, spec))
             else:
-                runs[side].append(run_worker(side, {**asdict(spec), "seed": i}))
+                runs[side].append(run_worker(kinds[side], {**asdict(spec), "seed": i}))
             print(f"  round {i + 1}/{pairs} {side}: done", file=sys.stderr, flush=True)
     return runs
 

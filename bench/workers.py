@@ -1,9 +1,9 @@
 """Measurements that run in their own process (so each side's peak RSS is its own).
 
-``python workers.py KIND SPEC_JSON`` (``package``, ``transformers``, ``llama_cpp_python``,
+``python workers.py KIND SPEC_JSON`` (``package``, ``decode``, ``transformers``, ``llama_cpp_python``,
 ``stream_llama_cpp_python``, ``first_image_package``, ``first_image_transformers``) prints one JSON
-object on the last line of stdout. ``run.py``, ``stream.py`` and ``first_image.py`` start them;
-they are not a public API.
+object on the last line of stdout. ``run.py``, ``decode_ab.py``, ``stream.py`` and
+``first_image.py`` start them; they are not a public API.
 """
 
 from __future__ import annotations
@@ -97,6 +97,16 @@ def package(spec: dict[str, Any]) -> dict[str, Any]:
                **_follow_up(s, image, spec.get("seed", 0), spec["n_tokens"])}
     out["compute_buffers_mib"] = sum(float(m) for line in collect.lines for m in _BUFFER.findall(line))
     return out
+
+
+def decode(spec: dict[str, Any]) -> dict[str, Any]:
+    """Only the CLI's request through ``Session.generate``: its decode rate (``decode_ab.py``)."""
+    from glm4v_mtmd import Session
+
+    image = Image.open(spec["image"]).convert("RGB")
+    with Session(spec["model"], spec["mmproj"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as s:
+        result, _ = _timed_generate(s, [PREFIX, image, spec["text"] + SUFFIX], spec["n_tokens"])
+    return {"decode_tok_s": result.timings.decode_tokens_per_s, "generated_tokens": result.timings.generated_tokens}
 
 
 # llama-cpp-python's multimodal chat handler with GLM-4.xV's prompt format (the same text as PREFIX /
@@ -313,7 +323,7 @@ def first_image_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-KINDS = {"package": package, "transformers": transformers_, "llama_cpp_python": llama_cpp_python,
+KINDS = {"package": package, "decode": decode, "transformers": transformers_, "llama_cpp_python": llama_cpp_python,
          "stream_llama_cpp_python": stream_llama_cpp_python, "first_image_package": first_image_package,
          "first_image_transformers": first_image_transformers}
 

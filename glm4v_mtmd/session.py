@@ -182,7 +182,9 @@ class Session:
         self._positions = PositionLog()
         self._generated_pending: list[int] = []  # emitted ids not yet in the KV cache
         self._last_reused = 0
-        self._image_ms = [0.0, 0.0]
+        # Engine preprocessing and encoder time of the images the current call encoded.
+        self._call_preprocess_ms = 0.0
+        self._call_encode_ms = 0.0
         self._n_prompt = 0
         self._gen_buffers: dict[int, tuple[Any, ...]] = {}
 
@@ -346,8 +348,8 @@ class Session:
             img = ffi.gc(out[0], lib.glm4v_image_free)
             t = ffi.new("glm4v_timings *")
             check(lib.glm4v_get_timings(h, t), h)
-            self._image_ms[0] += t.t_preprocess_ms
-            self._image_ms[1] += t.t_encode_ms
+            self._call_preprocess_ms += t.t_preprocess_ms
+            self._call_encode_ms += t.t_encode_ms
             try:
                 n_tokens = lib.glm4v_image_n_tokens(img)
                 n_embd = lib.glm4v_image_n_embd(img)
@@ -395,7 +397,7 @@ class Session:
 
     def _evaluate(self, parts: Sequence[PromptPart]) -> tuple[np.ndarray, np.ndarray, int]:
         self._wait_idle()
-        self._image_ms = [0.0, 0.0]  # images encoded by this call: engine preprocessing, encoder
+        self._call_preprocess_ms = self._call_encode_ms = 0.0
         segments = self._segments(parts)
         layout = PromptLayout(segments, self.image_token_ids)
         keys = layout.keys
@@ -501,8 +503,8 @@ class Session:
         h = self._h()
         check(lib.glm4v_get_timings(h, t), h)
         return Timings(
-            preprocess_ms=self._image_ms[0],
-            encode_ms=self._image_ms[1],
+            preprocess_ms=self._call_preprocess_ms,
+            encode_ms=self._call_encode_ms,
             prompt_ms=t.t_eval_ms,
             decode_ms=t.t_decode_ms,
             sample_ms=t.t_sample_ms,
