@@ -106,7 +106,9 @@ def decode(spec: dict[str, Any]) -> dict[str, Any]:
     image = Image.open(spec["image"]).convert("RGB")
     with Session(spec["model"], spec["mmproj"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as s:
         result, _ = _timed_generate(s, [PREFIX, image, spec["text"] + SUFFIX], spec["n_tokens"])
-    return {"decode_tok_s": result.timings.decode_tokens_per_s, "generated_tokens": result.timings.generated_tokens}
+    t = result.timings
+    return {"decode_tok_s": t.decode_tokens_per_s, "generated_tokens": t.generated_tokens,
+            "prompt_tokens": t.prompt_tokens}
 
 
 # llama-cpp-python's multimodal chat handler with GLM-4.xV's prompt format (the same text as PREFIX /
