@@ -95,7 +95,9 @@ def _poll_error(exc_type: Any, exc_value: BaseException, traceback: Any) -> int:
 
 @ffi.def_extern(onerror=_poll_error)
 def glm4v_py_poll(user_data: Any) -> int:
-    return 0  # signal handlers run on entry; one that raises ends up in _poll_error
+    # Signal handlers run on entry; one that raises ends up in _poll_error. A Ctrl-C that landed in
+    # another callback (glm4v_py_log) is already pending: stop too.
+    return 1 if _pending_interrupts else 0
 
 
 def arm_interrupts(handle: Any) -> None:
@@ -135,6 +137,11 @@ def glm4v_py_log(level: int, text: Any, user_data: Any) -> None:
                 if line.strip():
                     benign = py_level == logging.WARNING and line.startswith(_BENIGN_WARNINGS)
                     logger.log(logging.DEBUG if benign else py_level, "%s", line)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # A signal handler (Ctrl-C) ran on entry to this callback: keep it for the next poll, which
+        # stops the engine, and for `check`, which re-raises it. Dropping it would let a long
+        # generation run on to max_tokens.
+        _pending_interrupts.append(exc)
     except BaseException:  # noqa: BLE001 - see comment above
         pass
 

@@ -281,6 +281,38 @@ def reference_last_logits(model: Any, inputs: dict[str, Any], f16_conv: bool = T
     return logits.numpy()
 
 
+def min_router_margin(model: Any, inputs: dict[str, Any], f16_conv: bool = True) -> float:
+    """Smallest routing margin over the prompt's tokens and every MoE layer (``inf`` for a dense model).
+
+    A token's margin is the score of the last expert it is routed to minus the best expert it is not,
+    with the router's own scores (sigmoid of the router logits plus ``e_score_correction_bias``). Where it
+    is within numerical error, the engine may route the token elsewhere: a valid result, far from the
+    reference's. Only single-group routing (``n_group == 1``, the tiny models') is covered.
+    """
+    import torch
+
+    margins: list[float] = []
+
+    def hook(router: Any, _args: Any, out: tuple[Any, Any, Any]) -> None:
+        if router.num_group != 1:
+            raise NotImplementedError("min_router_margin covers n_group == 1 only")
+        router_logits, _, indices = out
+        scores = router_logits.float().sigmoid() + router.e_score_correction_bias
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
+        last_in = scores.masked_fill(~chosen, float("inf")).min(dim=-1).values
+        best_out = scores.masked_fill(chosen, float("-inf")).max(dim=-1).values
+        margins.append(float((last_in - best_out).min()))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
+    try:
+        with torch.no_grad(), f16_convolutions(model, f16_conv):
+            _prefill(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(margins, default=float("inf"))
+
+
 def top1_margin(logits: Any) -> float:
     """Difference between the largest and the second largest logit (how robust the argmax is)."""
     values = np.sort(np.asarray(logits, dtype=np.float64).ravel())
