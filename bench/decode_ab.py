@@ -18,16 +18,14 @@ long as after run.py's 1024x768 image (~1,000 tokens) without paying that image'
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
-import socket
 import statistics
 from dataclasses import asdict
 
 from cli_target import RunSpec, build_cli
 from PIL import Image
-from report import ratio
+from report import ratio, result_stem
 from run import HERE, SCRATCH, col, interleaved
 
 import glm4v_mtmd
@@ -53,7 +51,7 @@ def main() -> None:
               "ratio_of_means": statistics.mean(pkg) / statistics.mean(cli)}
     print("pairs", len(pkg), result)
     suffix = "" if args.prompt_repeats == 1 else f"-x{args.prompt_repeats}"
-    out = HERE / "results" / f"{datetime.date.today().isoformat()}-{socket.gethostname()}-decode-ab{suffix}.json"
+    out = HERE / "results" / f"{result_stem('-decode-ab' + suffix)}.json"
     out.write_text(json.dumps({"what": "decode tok/s, Session.generate / llama-mtmd-cli, alternating fresh processes",
                                "spec": asdict(spec), "engine": glm4v_mtmd.engine_info()["engine_commit"],
                                "prompt_tokens": runs["package"][0]["prompt_tokens"],

@@ -107,12 +107,32 @@ def chart(ratios: list[Ratio], path: pathlib.Path, title: str) -> None:
     img.save(path)
 
 
+def cpu_class() -> str:
+    """The vector ISA class of this CPU, as the engine detected it: results from different machine kinds
+    must not overwrite each other under the same host name."""
+    import platform
+
+    import glm4v_mtmd
+
+    features = glm4v_mtmd.cpu_features()
+    for name in ("AVX512_BF16", "AVX512", "AVX2"):
+        if name in features:
+            return name.lower().replace("_", "")
+    return platform.machine().lower() or "cpu"
+
+
+def result_stem(suffix: str) -> str:
+    """``<UTC date>-<host>-<cpu class><suffix>``: the file name, without extension, of a results file."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return f"{now:%Y-%m-%d}-{socket.gethostname()}-{cpu_class()}{suffix}"
+
+
 def save_results(out_dir: pathlib.Path, suffix: str, data: dict, ratios: list[Ratio],
                  table: list[tuple[str, str, dict[str, float]]], title: str) -> pathlib.Path:
-    """``out_dir/<date>-<host><suffix>.json`` (``data`` with the date, the ratios and the table) and
+    """``out_dir/<result_stem(suffix)>.json`` (``data`` with the date, the ratios and the table) and
     the chart next to it; prints the Markdown tables. Returns the JSON path."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    stem = f"{now:%Y-%m-%d}-{socket.gethostname()}{suffix}"
+    stem = result_stem(suffix)
     out_dir.mkdir(exist_ok=True)
     full = {"date": now.isoformat(timespec="seconds"), **data, "ratios": [as_json(r) for r in ratios],
             "absolute": [{"quantity": n, "unit": u, **s} for n, u, s in table]}

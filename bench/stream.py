@@ -17,7 +17,6 @@ Writes ``bench/results/<date>-<host>-stream.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
@@ -29,6 +28,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from report import result_stem
 
 import glm4v_mtmd
 from glm4v_mtmd import GenerationConfig, Session
@@ -132,7 +133,7 @@ def main() -> None:
           f"(target >= 0.9)")
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    out = results / f"{datetime.date.today().isoformat()}-{socket.gethostname()}-stream.json"
+    out = results / f"{result_stem('-stream')}.json"
     out.write_text(json.dumps({
         "what": "chat_stream / chat throughput vs the engine's own prompt+decode+sample time, same runs",
         "machine": {"host": socket.gethostname(), "cores": os.cpu_count(), "threads": args.threads,
