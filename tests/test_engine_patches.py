@@ -1,8 +1,9 @@
 """The engine patches of csrc/patches: applied to the pinned build, and their code paths still match
 the transformers reference.
 
-0001 and 0002 change ggml's tiled CPU flash-attention kernel (0002: the softmax scale on the Q tile,
-vector row max and exponential sum), which runs only for 64 or more query rows
+0001-0003 change ggml's tiled CPU flash-attention kernel (0002: the softmax scale on the Q tile,
+vector row max and exponential sum; 0003: the same on AVX512, and B in registers in its GEMM), which
+runs only for 64 or more query rows
 (GGML_FA_TILE_Q): the parity tests' images have fewer patches and their prompts fewer tokens, so
 this file makes an image of 10 x 10 patches (one full 64-row query tile and a 36-row tail; KV tiles
 of 64 and 36 = four 8-key vector blocks and a 4-key scalar remainder) and a prompt of more than 64
