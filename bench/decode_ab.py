@@ -6,7 +6,7 @@ text model (Q4_K_M), the quick preset's projector and a 112x112 image (a few ima
 encode is short), 256 greedy tokens with EOS ignored, each run in a fresh process, CLI and package
 alternating (``run.py``'s rounds with the ``decode`` worker). Prints the median / min / max of the
 per-pair ratios and the ratio of the mean rates; writes the pairs to
-``bench/results/<date>-<host>-decode-ab.json``.
+``bench/results/<date>-<host>-<cpu>-decode-ab.json``.
 
     python bench/decode_ab.py --pairs 20     # ~15 minutes on 2 cores (after run.py has built the models)
     python bench/decode_ab.py --pairs 8 --prompt-repeats 23    # decode after a ~1,000-token prompt

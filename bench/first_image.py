@@ -6,7 +6,7 @@ the image and text tokens; then the decode. The package runs with the weight pre
 BF16 dot products, else F16) and, for comparison, with the other one; transformers (torch CPU)
 with each dtype is probed on a small image first and the faster one is measured on the real
 image, alternating with the package (package, transformers, transformers, package, ...; each run
-a fresh process). Writes ``results/<date>-<host>-first-image[-quick].json`` and a PNG chart.
+a fresh process). Writes ``results/<date>-<host>-<cpu>-first-image[-quick].json`` and a PNG chart.
 
     python bench/first_image.py --quick   # GLM-4.1V vision tower, small text model, 448x336: ~3 min
     python bench/first_image.py           # + GLM-4.1V-9B's text layer shape (5 layers), 1008x756: ~20 min
@@ -125,7 +125,7 @@ def absolutes(runs: dict[str, list[dict]], probes: list[dict], chosen: str, hf_d
 
 
 def main() -> None:
-    """Build the model, probe, measure, write results/<date>-<host>-first-image[-quick].json + .png."""
+    """Build the model, probe, measure, write results/<date>-<host>-<cpu>-first-image[-quick].json + .png."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small text model and image, 2 pairs")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

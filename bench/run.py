@@ -4,7 +4,7 @@ Every measurement runs the sides in rounds with a rotating order (CLI, package[,
 package, ...; each run is a fresh process so load order and peak RSS are per run) and reports the
 median of the per-round ratios with their spread. llama-cpp-python is measured when installed
 (TTFT of a first and a follow-up question, streamed decode); transformers (torch CPU) gives
-reference numbers. Writes ``bench/results/<date>-<host>.json``, a PNG chart of the ratios next to
+reference numbers. Writes ``bench/results/<date>-<host>-<cpu>.json``, a PNG chart of the ratios next to
 it and prints a Markdown table.
 
     python bench/run.py --quick      # ~0.2 B text model, 448x336 image, 5 rounds: ~6.5 min on 2 cores
@@ -201,7 +201,7 @@ def machine(threads: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    """Build everything needed, measure, write results/<date>-<host>.json + .png, print the table."""
+    """Build everything needed, measure, write results/<date>-<host>-<cpu>.json + .png, print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small text model and image, 5 pairs")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -244,7 +244,7 @@ def numeric_summary(runs: list[dict]) -> dict[str, dict[str, float]]:
 def write_results(plan: Plan, args: argparse.Namespace, spec: RunSpec, runs: dict[str, list[dict]],
                   mem: dict[str, float], result: list[Ratio], table: list[tuple[str, str, dict[str, float]]],
                   peer_notes: dict[str, str]) -> None:
-    """results/<date>-<host>[-quick].json, the chart next to it, and the Markdown tables on stdout."""
+    """results/<date>-<host>-<cpu>[-quick].json, the chart next to it, and the Markdown tables on stdout."""
     mode = "quick" if args.quick else "full"
     data = {
         "mode": mode, "plan": asdict(plan), "spec": asdict(spec), "machine": machine(args.threads), "peers": peer_notes,
