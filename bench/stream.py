@@ -11,7 +11,7 @@ on the same GGUF and prompt (in a child process: two copies of ggml do not share
     python bench/stream.py                    # tiny random model, lengths 128..8192, 3 runs each
     python bench/stream.py --tokens 512 2048  # other lengths
 
-Writes ``bench/results/<date>-<host>-stream.json`` and prints a Markdown table.
+Writes ``bench/results/<date>-<host>-<cpu>-stream.json`` and prints a Markdown table.
 """
 
 from __future__ import annotations
