@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
+import platform
 import socket
 import statistics
 import sys
@@ -110,8 +111,6 @@ def chart(ratios: list[Ratio], path: pathlib.Path, title: str) -> None:
 def cpu_class() -> str:
     """The vector ISA class of this CPU, as the engine detected it: results from different machine kinds
     must not overwrite each other under the same host name."""
-    import platform
-
     import glm4v_mtmd
 
     features = glm4v_mtmd.cpu_features()
@@ -121,9 +120,9 @@ def cpu_class() -> str:
     return platform.machine().lower() or "cpu"
 
 
-def result_stem(suffix: str) -> str:
+def result_stem(suffix: str, now: Optional[datetime.datetime] = None) -> str:
     """``<UTC date>-<host>-<cpu class><suffix>``: the file name, without extension, of a results file."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
     return f"{now:%Y-%m-%d}-{socket.gethostname()}-{cpu_class()}{suffix}"
 
 
@@ -132,7 +131,7 @@ def save_results(out_dir: pathlib.Path, suffix: str, data: dict, ratios: list[Ra
     """``out_dir/<result_stem(suffix)>.json`` (``data`` with the date, the ratios and the table) and
     the chart next to it; prints the Markdown tables. Returns the JSON path."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    stem = result_stem(suffix)
+    stem = result_stem(suffix, now)
     out_dir.mkdir(exist_ok=True)
     full = {"date": now.isoformat(timespec="seconds"), **data, "ratios": [as_json(r) for r in ratios],
             "absolute": [{"quantity": n, "unit": u, **s} for n, u, s in table]}

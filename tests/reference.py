@@ -281,8 +281,10 @@ def reference_last_logits(model: Any, inputs: dict[str, Any], f16_conv: bool = T
     return logits.numpy()
 
 
-def min_router_margin(model: Any, inputs: dict[str, Any], f16_conv: bool = True) -> float:
-    """Smallest routing margin over the prompt's tokens and every MoE layer (``inf`` for a dense model).
+@contextlib.contextmanager
+def router_margins(model: Any) -> Iterator[list[float]]:
+    """While the block runs ``model``, collect each MoE layer's smallest routing margin over its tokens
+    (the list stays empty for a dense model).
 
     A token's margin is the score of the last expert it is routed to minus the best expert it is not,
     with the router's own scores (sigmoid of the router logits plus ``e_score_correction_bias``). Where it
@@ -295,7 +297,7 @@ def min_router_margin(model: Any, inputs: dict[str, Any], f16_conv: bool = True)
 
     def hook(router: Any, _args: Any, out: tuple[Any, Any, Any]) -> None:
         if router.num_group != 1:
-            raise NotImplementedError("min_router_margin covers n_group == 1 only")
+            raise NotImplementedError("router_margins covers n_group == 1 only")
         router_logits, _, indices = out
         scores = router_logits.float().sigmoid() + router.e_score_correction_bias
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
@@ -305,12 +307,10 @@ def min_router_margin(model: Any, inputs: dict[str, Any], f16_conv: bool = True)
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
     try:
-        with torch.no_grad(), f16_convolutions(model, f16_conv):
-            _prefill(model, inputs)
+        yield margins
     finally:
         for h in hooks:
             h.remove()
-    return min(margins, default=float("inf"))
 
 
 def top1_margin(logits: Any) -> float:
