@@ -277,6 +277,7 @@ glm4v_status glm4v_session_load(const char * model_path, const char * mmproj_pat
         s->batch = llama_batch_ext_init(s->ctx);
         s->use_mrope = llama_model_rope_type(s->model) == LLAMA_ROPE_TYPE_MROPE ||
                        llama_model_rope_type(s->model) == LLAMA_ROPE_TYPE_IMROPE;
+        s->token_rows.open(model_path, llama_model_n_embd_inp(s->model), llama_vocab_n_tokens(s->vocab));
 
         if (mmproj_path && mmproj_path[0]) {
             mtmd_context_params mcp = mtmd_context_params_default();

@@ -100,6 +100,7 @@ typedef struct glm4v_timings {
     double t_sample_ms;       /* sampling during the current/last generation */
     double t_decode_ms;       /* decoding during the current/last generation */
     int32_t n_eval;           /* KV cells filled by the last glm4v_eval */
+    int32_t n_eval_batches;   /* engine calls (up to n_batch cells each) of the last glm4v_eval */
     int32_t n_decode;         /* tokens decoded in the current/last generation */
 } glm4v_timings;
 
@@ -161,7 +162,10 @@ int32_t glm4v_next_pos(const glm4v_session *s);
 /* Keep the first n_cells cells; n_cells must not split an image. */
 glm4v_status glm4v_kv_truncate(glm4v_session *s, int32_t n_cells);
 /* Append parts to the KV cache. positions_out (may be NULL) receives [n, 3] (t, h, w)
- * for every cell filled, n = sum of part lengths; logits of the last cell are kept. */
+ * for every cell filled, n = sum of part lengths; logits of the last cell are kept.
+ * The parts fill shared batches of n_batch cells (a prompt with images as embedding rows,
+ * text rows read from the model file) unless the model file lacks its token-embedding table
+ * (a split model whose first file does not hold it): then every part has its own batches. */
 glm4v_status glm4v_eval(glm4v_session *s, const glm4v_part *parts, int32_t n_parts,
                         int32_t *positions_out, int32_t positions_cap);
 /* Copy the logits of the last evaluated cell (n_vocab floats). */

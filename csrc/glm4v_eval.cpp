@@ -3,10 +3,63 @@
 
 #include "glm4v_internal.h"
 
+#include "ggml.h"
+#include "gguf.h"
+
 #include <algorithm>
 #include <cstring>
 
 using namespace glm4v_detail;
+
+namespace {
+
+bool file_seek(std::FILE * f, int64_t off) {
+#if defined(_WIN32)
+    return _fseeki64(f, off, SEEK_SET) == 0;
+#else
+    return fseeko(f, (off_t) off, SEEK_SET) == 0;
+#endif
+}
+
+}  // namespace
+
+void glm4v_token_rows::open(const char * model_path, int32_t n_embd_model, int32_t n_vocab) {
+    gguf_init_params gp = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
+    gguf_context * g = gguf_init_from_file(model_path, gp);
+    if (!g) return;
+    const int64_t id = gguf_find_tensor(g, "token_embd.weight");
+    if (id >= 0) {
+        const ggml_type t = gguf_get_tensor_type(g, id);
+        const size_t row = ggml_row_size(t, n_embd_model);
+        const size_t size = gguf_get_tensor_size(g, id);
+        const bool convertible = t == GGML_TYPE_F32 || ggml_get_type_traits(t)->to_float != nullptr;
+        if (convertible && n_embd_model % ggml_blck_size(t) == 0 && row > 0 && size % row == 0 &&
+            (int64_t) (size / row) >= n_vocab) {
+            type = (int32_t) t;
+            row_bytes = row;
+            n_rows = (int64_t) (size / row);
+            offset = (int64_t) (gguf_get_data_offset(g) + gguf_get_tensor_offset(g, id));
+            n_embd = n_embd_model;
+            file = std::fopen(model_path, "rb");
+        }
+    }
+    gguf_free(g);
+}
+
+bool glm4v_token_rows::read(int32_t token, float * out) {
+    if (!file || token < 0 || token >= n_rows) return false;
+    scratch.resize(row_bytes);
+    if (!file_seek(file, offset + (int64_t) token * (int64_t) row_bytes) ||
+        std::fread(scratch.data(), 1, row_bytes, file) != row_bytes) {
+        return false;
+    }
+    if (type == GGML_TYPE_F32) {
+        memcpy(out, scratch.data(), row_bytes);
+    } else {
+        ggml_get_type_traits((ggml_type) type)->to_float(scratch.data(), out, n_embd);
+    }
+    return true;
+}
 
 namespace glm4v_detail {
 
@@ -55,6 +108,7 @@ glm4v_status eval_text(glm4v_session * s, const int32_t * toks, int32_t n, bool 
         }
         glm4v_status st = run_batch(s, "prompt evaluation");
         if (st != GLM4V_OK) return st;
+        s->timings.n_eval_batches += 1;
         if (pos_out) {
             for (int32_t i = 0; i < m; ++i) {
                 for (int k = 0; k < 3; ++k) pos_out[(size_t) (off + i) * 3 + k] = s->next_pos + i;
@@ -98,9 +152,83 @@ glm4v_status eval_image(glm4v_session * s, const glm4v_part * img, bool want_log
         }
         glm4v_status stt = run_batch(s, "image evaluation");
         if (stt != GLM4V_OK) return stt;
+        s->timings.n_eval_batches += 1;
         // An image fills rows*cols cells but moves the position by max(rows, cols).
         const int32_t next = s->use_mrope ? st + std::max(img->rows, img->cols) : st + off + m;
         record_cells(s, m, next, image_id);
+    }
+    return GLM4V_OK;
+}
+
+// A prompt with images, as one sequence of embedding rows (see glm4v_token_rows): batches of
+// n_batch rows cross part boundaries. Positions and cell bookkeeping are eval_text's and
+// eval_image's; the logits are those of the last row.
+glm4v_status eval_merged(glm4v_session * s, const glm4v_part * parts, int32_t n_parts, int32_t * pos_out) {
+    const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
+    const int32_t n_embd = s->token_rows.n_embd;
+    std::vector<float> row((size_t) n_embd);
+    struct cell { int32_t next, image_id; };
+    std::vector<cell> pending;  // cells of the batch being filled
+    pending.reserve((size_t) s->n_batch);
+    int32_t pos = s->next_pos;  // position of the next text token, or the start of the next image
+    int64_t done = 0;
+    auto flush = [&](const char * what) {
+        glm4v_status st = run_batch(s, what);
+        if (st != GLM4V_OK) return st;
+        s->timings.n_eval_batches += 1;
+        for (const cell & c : pending) record_cells(s, 1, c.next, c.image_id);
+        pending.clear();
+        llama_batch_ext_clear(s->batch);
+        return GLM4V_OK;
+    };
+    auto add = [&](const float * data, const llama_pos (&p)[4], cell c, bool last_row, const char * what) {
+        const llama_embd e = {data, 1, (size_t) n_embd};
+        const int32_t idx = llama_batch_ext_add_embd(s->batch, 0, e);
+        if (idx < 0) return fail(s, GLM4V_ERR_INTERNAL, "batch full");
+        llama_batch_ext_set_pos(s->batch, idx, p);
+        if (pos_out) {
+            for (int k = 0; k < 3; ++k) pos_out[(size_t) done * 3 + k] = p[k];
+        }
+        ++done;
+        pending.push_back(c);
+        if (last_row) llama_batch_ext_set_output_logits(s->batch, idx, true);
+        if (last_row || (int32_t) pending.size() == s->n_batch) return flush(what);
+        return GLM4V_OK;
+    };
+    llama_batch_ext_clear(s->batch);
+    for (int32_t i = 0; i < n_parts; ++i) {
+        const glm4v_part & part = parts[i];
+        const bool last_part = i == n_parts - 1;
+        if (part.embd) {
+            const int32_t st = pos, n = part.rows * part.cols;
+            const int32_t image_id = ++s->n_images_seen;
+            const int32_t next = s->use_mrope ? st + std::max(part.rows, part.cols) : st + n;
+            for (int32_t j = 0; j < n; ++j) {
+                const int32_t r = j / part.cols, c = j % part.cols;
+                llama_pos p[4] = {st, st + r, st + c, 0};
+                if (!s->use_mrope) p[0] = p[1] = p[2] = p[3] = st + j;
+                glm4v_status stt = add(part.embd + (size_t) j * n_embd, p, {next, image_id},
+                                       last_part && j == n - 1, "image evaluation");
+                if (stt != GLM4V_OK) return stt;
+            }
+            pos = next;
+        } else {
+            for (int32_t j = 0; j < part.n_tokens; ++j) {
+                const int32_t t = part.tokens[j];
+                if (t < 0 || t >= n_vocab) {
+                    return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("token id %d is outside the vocabulary (0..%d)", t, n_vocab - 1));
+                }
+                if (!s->token_rows.read(t, row.data())) {
+                    return fail(s, GLM4V_ERR_INTERNAL, fmt("could not read the embedding of token %d from the model file", t));
+                }
+                // Text: (p, p, p, 0), as the engine expands a token's position for M-RoPE.
+                const llama_pos p[4] = {pos, pos, pos, s->use_mrope ? 0 : pos};
+                glm4v_status stt = add(row.data(), p, {pos + 1, 0}, last_part && j == part.n_tokens - 1,
+                                       "prompt evaluation");
+                if (stt != GLM4V_OK) return stt;
+                ++pos;
+            }
+        }
     }
     return GLM4V_OK;
 }
@@ -282,6 +410,10 @@ glm4v_status glm4v_eval(glm4v_session * s, const glm4v_part * parts, int32_t n_p
             }
         }
         if (total == 0) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "the prompt is empty");
+        if (!parts[n_parts - 1].embd && parts[n_parts - 1].n_tokens == 0) {
+            // The logits returned are the last part's.
+            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "the last prompt part is empty");
+        }
         const int64_t n_ctx = (int64_t) llama_n_ctx(s->ctx);
         const int64_t have = (int64_t) s->cell_next.size();
         if (have + total > n_ctx) {
@@ -293,21 +425,32 @@ glm4v_status glm4v_eval(glm4v_session * s, const glm4v_part * parts, int32_t n_p
             return fail(s, GLM4V_ERR_BUFFER_TOO_SMALL, "positions buffer too small");
         }
         const double t0 = now_ms();
+        s->timings.n_eval_batches = 0;
         const int32_t start_cells = (int32_t) have;
-        int64_t done = 0;
         glm4v_status st = GLM4V_OK;
-        for (int32_t i = 0; i < n_parts && st == GLM4V_OK; ++i) {
-            const bool last = (i == n_parts - 1);
-            int32_t * pos = positions_out ? positions_out + done * 3 : nullptr;
-            if (parts[i].embd) {
-                st = eval_image(s, &parts[i], last, pos);
-                done += (int64_t) parts[i].rows * parts[i].cols;
-            } else if (parts[i].n_tokens > 0) {
-                st = eval_text(s, parts[i].tokens, parts[i].n_tokens, last, pos);
-                done += parts[i].n_tokens;
-            } else if (last) {
-                // An empty last part: the logits of the previous part are not requested.
-                st = fail(s, GLM4V_ERR_INVALID_ARGUMENT, "the last prompt part is empty");
+        bool has_image = false;
+        for (int32_t i = 0; i < n_parts; ++i) has_image = has_image || parts[i].embd != nullptr;
+        if (has_image && s->token_rows.ok()) {
+            st = eval_merged(s, parts, n_parts, positions_out);
+        } else if (!has_image) {
+            // Text parts, as one token sequence: batches cross part boundaries.
+            std::vector<int32_t> toks;
+            toks.reserve((size_t) total);
+            for (int32_t i = 0; i < n_parts; ++i) toks.insert(toks.end(), parts[i].tokens, parts[i].tokens + parts[i].n_tokens);
+            st = eval_text(s, toks.data(), (int32_t) toks.size(), true, positions_out);
+        } else {
+            // Images without a readable token-embedding table: part by part.
+            int64_t done = 0;
+            for (int32_t i = 0; i < n_parts && st == GLM4V_OK; ++i) {
+                const bool last = (i == n_parts - 1);
+                int32_t * pos = positions_out ? positions_out + done * 3 : nullptr;
+                if (parts[i].embd) {
+                    st = eval_image(s, &parts[i], last, pos);
+                    done += (int64_t) parts[i].rows * parts[i].cols;
+                } else if (parts[i].n_tokens > 0) {
+                    st = eval_text(s, parts[i].tokens, parts[i].n_tokens, last, pos);
+                    done += parts[i].n_tokens;
+                }
             }
         }
         if (st != GLM4V_OK) {

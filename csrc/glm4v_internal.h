@@ -7,6 +7,7 @@
 #include "mtmd.h"
 
 #include <atomic>
+#include <cstdio>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -24,6 +25,31 @@ struct glm4v_image {
     std::vector<float> data;
 };
 
+// Rows of the text model's token embedding table, read from its GGUF file. A prompt with an
+// image is evaluated as one embedding sequence (text rows from here, image rows from the
+// projector) so the engine's batches span part boundaries: one image between two short
+// texts is otherwise four ubatches, two of them small and slow. Unavailable (ok() false)
+// when the table is not in the main file (split models) or its type has no row converter;
+// evaluation then goes part by part.
+struct glm4v_token_rows {
+    std::FILE * file = nullptr;
+    int32_t type = -1;        // ggml_type of the stored rows
+    size_t row_bytes = 0;
+    int64_t n_rows = 0;
+    int64_t offset = 0;       // of row 0 in the file
+    int32_t n_embd = 0;
+    std::vector<uint8_t> scratch;
+
+    bool ok() const { return file != nullptr; }
+    // Open model_path and locate token_embd.weight; leaves ok() false on any mismatch.
+    void open(const char * model_path, int32_t n_embd_model, int32_t n_vocab);
+    // Row `token` as n_embd floats, converted as the engine's get_rows converts it.
+    bool read(int32_t token, float * out);
+    ~glm4v_token_rows() {
+        if (file) std::fclose(file);
+    }
+};
+
 struct glm4v_session {
     llama_model * model = nullptr;
     llama_context * ctx = nullptr;
@@ -31,6 +57,7 @@ struct glm4v_session {
     const llama_vocab * vocab = nullptr;
     llama_batch_ext * batch = nullptr;
     int32_t n_batch = 512;
+    glm4v_token_rows token_rows;
     bool use_mrope = false;
 
     std::string last_error;

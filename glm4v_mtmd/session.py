@@ -510,6 +510,7 @@ class Session:
             sample_ms=t.t_sample_ms,
             prompt_tokens=prompt_tokens,
             generated_tokens=t.n_decode,
+            prompt_batches=t.n_eval_batches,
         )
 
     def _chunks(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig],

@@ -128,6 +128,9 @@ class Timings:
             logits come from the prompt); ``generated_tokens`` counts those passes.
         sample_ms: choosing every generated token from its logits.
         prompt_tokens: the prompt's length in KV cells.
+        prompt_batches: the engine calls that evaluated them, each of up to ``n_batch`` cells
+            (``Session(n_batch=...)``). Text and images of one prompt share batches, so this is
+            ``ceil(new cells / n_batch)``; 0 when every cell was reused.
     """
 
     preprocess_ms: float = 0.0
@@ -137,6 +140,7 @@ class Timings:
     sample_ms: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    prompt_batches: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:

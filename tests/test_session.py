@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import math
 import pathlib
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 from conftest import GREEDY, PROMPT, random_image
+from tolerances import REBATCHED_LOGITS_MAX_ABS
 
 import glm4v_mtmd
 from glm4v_mtmd import (
@@ -108,7 +111,7 @@ def test_follow_up_prompt_reuses_the_cached_prefix(session):
     fresh = session.evaluate(turn2)
     assert fresh.reused == 0
     np.testing.assert_array_equal(follow.positions, fresh.positions)
-    np.testing.assert_allclose(follow.logits, fresh.logits, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(follow.logits, fresh.logits, rtol=0, atol=REBATCHED_LOGITS_MAX_ABS)
 
 
 def test_generation_continues_the_cache_consistently(session):
@@ -157,6 +160,55 @@ def test_timings_are_reported(session):
     assert out.timings.prompt_ms > 0
     assert out.timings.generated_tokens == len(out.token_ids) - 1
     assert out.timings.prompt_tokens == out.prompt_tokens == len(session.evaluate(PROMPT).tokens)
+
+
+def _split_with_token_embeddings_last(model: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    """``model`` rewritten as a two-file split GGUF whose second file holds only token_embd.weight."""
+    reader = gguf.GGUFReader(model)
+    writer = gguf.GGUFWriter(out_dir / "split.gguf", reader.fields["general.architecture"].contents(),
+                             split_max_tensors=len(reader.tensors) - 1)
+    for f in reader.fields.values():
+        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+            array = f.types[0] == gguf.GGUFValueType.ARRAY
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if array else None)
+    for t in sorted(reader.tensors, key=lambda t: t.name == "token_embd.weight"):
+        writer.add_tensor(t.name, t.data, raw_shape=[int(n) for n in reversed(t.shape)], raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_dir / "split-00001-of-00002.gguf"
+
+
+def test_text_and_images_share_the_engine_batches(pair, tmp_path):
+    """An image prompt is evaluated in ceil(cells / n_batch) engine calls, text rows read from the model
+    file as embeddings; a split model whose first file lacks the embedding table goes part by part
+    (<sop>..., <|begin_of_image|>, the image, <|end_of_image|>, the question). Same logits both ways."""
+    n_batch = 16
+    split = _split_with_token_embeddings_last(pair[0], tmp_path)
+    results = {}
+    for name, model in (("one file", pair[0]), ("split", split)):
+        with Session(model, pair[1], n_ctx=256, n_threads=2, kv_cache_type="f32", flash_attn=False,
+                     n_batch=n_batch) as s:
+            out = s.generate(PROMPT, GREEDY)
+            s.reset()
+            results[name] = (out, s.evaluate(PROMPT))
+    (merged, merged_ev), (by_part, by_part_ev) = results["one file"], results["split"]
+    assert merged.prompt_tokens == by_part.prompt_tokens > n_batch
+    assert merged.timings.prompt_batches == math.ceil(merged.prompt_tokens / n_batch)
+    assert by_part.timings.prompt_batches == 5
+    assert merged.token_ids == by_part.token_ids
+    np.testing.assert_array_equal(merged_ev.positions, by_part_ev.positions)
+    np.testing.assert_allclose(merged_ev.logits, by_part_ev.logits, rtol=0, atol=REBATCHED_LOGITS_MAX_ABS)
+
+
+def test_text_parts_share_the_engine_batches(session):
+    parts = ["[gMASK]<sop><|user|>\n", "Describe this image.", "<|assistant|>\n"]
+    session.reset()
+    out = session.generate(parts, GREEDY)
+    assert out.timings.prompt_batches == 1
+    session.reset()
+    assert session.generate(["".join(parts)], GREEDY).token_ids == out.token_ids
 
 
 def test_image_timings_count_only_the_images_this_call_encoded(session):
