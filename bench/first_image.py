@@ -13,7 +13,7 @@ also pays its one-time costs, such as the first touch of the engine's compute bu
 
     python bench/first_image.py --quick   # GLM-4.1V vision tower, small text model, 448x336: ~3 min
     python bench/first_image.py           # + GLM-4.1V-9B's text layer shape (5 layers), 1008x756: ~20 min
-    python bench/first_image.py --pairs 5 # medians of 5 pairs: ~30 min
+    python bench/first_image.py --pairs 5 # medians of 5 pairs: ~15 min once the model exists
 
 Model (``make_model.py --preset first-image``): the real GLM-4.1V vision tower (depth 24, hidden
 1536, 12 heads, MLP 4096 wide, merger 4096 -> 13696 -> 4096) and 5 text layers of the 9B model's
