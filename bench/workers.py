@@ -320,25 +320,30 @@ def first_image_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         if spec.get("warmup", True):  # one small call: lazy initialisation is not charged to the image
             model.get_image_features(pixel_values=pixels[:64], image_grid_thw=torch.tensor([[1, 8, 8]]))
-        t0 = time.perf_counter()
-        features = model.model.get_image_features(pixels, grid, return_dict=True)
-        t1 = time.perf_counter()
-        model(**inputs, image_grid_thw=grid, mm_encoder_outputs={"image": features}, logits_to_keep=1)
-        t2 = time.perf_counter()
-    out = {"dtype": spec["dtype"], "encode_ms": 1000 * (t1 - t0), "prefill_ms": 1000 * (t2 - t1),
+    encode_ms, prefill_ms = _hf_encode_prefill(model, pixels, grid, inputs)
+    out = {"dtype": spec["dtype"], "encode_ms": encode_ms, "prefill_ms": prefill_ms,
            "prompt_tokens": int(inputs["input_ids"].shape[1]),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     if spec.get("n_tokens"):
         out["decode_tok_s"] = _hf_decode(model, tokenizer, spec["n_tokens"])
     if spec.get("second_image"):  # the same steps again in this process (transformers caches nothing)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            features = model.model.get_image_features(pixels, grid, return_dict=True)
-            t1 = time.perf_counter()
-            model(**inputs, image_grid_thw=grid, mm_encoder_outputs={"image": features}, logits_to_keep=1)
-            t2 = time.perf_counter()
-        out |= {"second_encode_ms": 1000 * (t1 - t0), "second_prefill_ms": 1000 * (t2 - t1)}
+        encode_ms, prefill_ms = _hf_encode_prefill(model, pixels, grid, inputs)
+        out |= {"second_encode_ms": encode_ms, "second_prefill_ms": prefill_ms}
     return out
+
+
+def _hf_encode_prefill(model: Any, pixels: Any, grid: Any, inputs: dict[str, Any]) -> tuple[float, float]:
+    """Milliseconds of ``get_image_features``, then of the language model over the prompt with those
+    features (``mm_encoder_outputs``: no second encode)."""
+    import torch
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        features = model.model.get_image_features(pixels, grid, return_dict=True)
+        t1 = time.perf_counter()
+        model(**inputs, image_grid_thw=grid, mm_encoder_outputs={"image": features}, logits_to_keep=1)
+        t2 = time.perf_counter()
+    return 1000 * (t1 - t0), 1000 * (t2 - t1)
 
 
 KINDS = {"package": package, "decode": decode, "transformers": transformers_, "llama_cpp_python": llama_cpp_python,

@@ -95,6 +95,16 @@ double now_ms() {
     return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
 }
 
+glm4v_status check_token_ids(glm4v_session * s, const int32_t * tokens, int32_t n) {
+    const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
+    for (int32_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("token id %d is outside the vocabulary (0..%d)", tokens[i], n_vocab - 1));
+        }
+    }
+    return GLM4V_OK;
+}
+
 // Complete UTF-8 prefix length of s (an incomplete trailing sequence is held back).
 size_t utf8_complete_prefix(const std::string & s) {
     size_t n = s.size();
@@ -395,12 +405,8 @@ glm4v_status glm4v_detokenize(glm4v_session * s, const int32_t * tokens, int32_t
     if (!s || (!tokens && n > 0) || !n_out || n < 0) return GLM4V_ERR_INVALID_ARGUMENT;
     begin_call(s);
     try {
-        const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
-        for (int32_t i = 0; i < n; ++i) {
-            if (tokens[i] < 0 || tokens[i] >= n_vocab) {
-                return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("token id %d is outside the vocabulary (0..%d)", tokens[i], n_vocab - 1));
-            }
-        }
+        glm4v_status st = check_token_ids(s, tokens, n);
+        if (st != GLM4V_OK) return st;
         int32_t r = llama_detokenize(s->vocab, tokens, n, buf, cap, false, render_special != 0);
         if (r < 0) {
             *n_out = -r;

@@ -86,93 +86,23 @@ void record_cells(glm4v_session * s, int32_t n, int32_t next, int32_t image_id) 
 
 namespace {
 
-glm4v_status eval_text(glm4v_session * s, const int32_t * toks, int32_t n, bool want_logits_last,
-                       int32_t * pos_out) {
-    const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
-    for (int32_t i = 0; i < n; ++i) {
-        if (toks[i] < 0 || toks[i] >= n_vocab) {
-            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("token id %d is outside the vocabulary (0..%d)", toks[i], n_vocab - 1));
-        }
-    }
-    for (int32_t off = 0; off < n; off += s->n_batch) {
-        const int32_t m = std::min(s->n_batch, n - off);
-        llama_batch_ext_clear(s->batch);
-        for (int32_t i = 0; i < m; ++i) {
-            const int32_t idx = llama_batch_ext_add_token(s->batch, 0, toks[off + i]);
-            if (idx < 0) return fail(s, GLM4V_ERR_INTERNAL, "batch full");
-            const llama_pos p = s->next_pos + i;
-            llama_batch_ext_set_pos(s->batch, idx, &p);
-            if (want_logits_last && off + i == n - 1) {
-                llama_batch_ext_set_output_logits(s->batch, idx, true);
-            }
-        }
-        glm4v_status st = run_batch(s, "prompt evaluation");
-        if (st != GLM4V_OK) return st;
-        s->timings.n_eval_batches += 1;
-        if (pos_out) {
-            for (int32_t i = 0; i < m; ++i) {
-                for (int k = 0; k < 3; ++k) pos_out[(size_t) (off + i) * 3 + k] = s->next_pos + i;
-            }
-        }
-        // Text advances one position per token (transformers get_rope_index).
-        for (int32_t i = 0; i < m; ++i) record_cells(s, 1, s->next_pos + 1, 0);
-    }
-    return GLM4V_OK;
-}
-
-glm4v_status eval_image(glm4v_session * s, const glm4v_part * img, bool want_logits_last, int32_t * pos_out) {
-    const int32_t n_embd = img->n_embd;
-    const int32_t st = s->next_pos;
-    const int32_t n = img->rows * img->cols;
-    const int32_t image_id = ++s->n_images_seen;
-    for (int32_t off = 0; off < n; off += s->n_batch) {
-        const int32_t m = std::min(s->n_batch, n - off);
-        llama_batch_ext_clear(s->batch);
-        for (int32_t i = 0; i < m; ++i) {
-            const int32_t j = off + i;
-            const llama_embd e = {img->embd + (size_t) j * n_embd, 1, (size_t) n_embd};
-            const int32_t idx = llama_batch_ext_add_embd(s->batch, 0, e);
-            if (idx < 0) return fail(s, GLM4V_ERR_INTERNAL, "batch full");
-            // Merged-grid token (r, c) sits at (t, h, w) = (st, st + r, st + c):
-            // transformers Glm4vModel.get_rope_index. Section order in the batch is t, h, w.
-            const int32_t r = j / img->cols, c = j % img->cols;
-            llama_pos p[4] = {st, st + r, st + c, 0};
-            if (!s->use_mrope) {
-                p[0] = p[1] = p[2] = p[3] = st + j;
-            }
-            llama_batch_ext_set_pos(s->batch, idx, p);
-            if (pos_out) {
-                pos_out[(size_t) j * 3 + 0] = p[0];
-                pos_out[(size_t) j * 3 + 1] = p[1];
-                pos_out[(size_t) j * 3 + 2] = p[2];
-            }
-            if (want_logits_last && j == n - 1) {
-                llama_batch_ext_set_output_logits(s->batch, idx, true);
-            }
-        }
-        glm4v_status stt = run_batch(s, "image evaluation");
-        if (stt != GLM4V_OK) return stt;
-        s->timings.n_eval_batches += 1;
-        // An image fills rows*cols cells but moves the position by max(rows, cols).
-        const int32_t next = s->use_mrope ? st + std::max(img->rows, img->cols) : st + off + m;
-        record_cells(s, m, next, image_id);
-    }
-    return GLM4V_OK;
-}
-
-// A prompt with images, as one sequence of embedding rows (see glm4v_token_rows): batches of
-// n_batch rows cross part boundaries. Positions and cell bookkeeping are eval_text's and
-// eval_image's; the logits are those of the last row.
-glm4v_status eval_merged(glm4v_session * s, const glm4v_part * parts, int32_t n_parts, int32_t * pos_out) {
-    const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
-    const int32_t n_embd = s->token_rows.n_embd;
-    std::vector<float> row((size_t) n_embd);
+// Every part of a prompt as one sequence of batch entries, in batches of up to n_batch that cross
+// part boundaries: image rows as embeddings; text as token ids, or, in a prompt with an image, as
+// embedding rows read from the model file (glm4v_token_rows), since a batch holds one kind of entry.
+// Without a readable table (a split model), each part gets its own batches. Positions follow
+// transformers Glm4vModel.get_rope_index; the logits are the last entry's.
+glm4v_status eval_parts(glm4v_session * s, const glm4v_part * parts, int32_t n_parts, int32_t * pos_out) {
+    bool has_image = false;
+    for (int32_t i = 0; i < n_parts; ++i) has_image = has_image || parts[i].embd != nullptr;
+    const bool text_as_embd = has_image && s->token_rows.ok();
+    const bool batch_per_part = has_image && !text_as_embd;
+    const int32_t n_embd = llama_model_n_embd_inp(s->model);
+    std::vector<float> row(text_as_embd ? (size_t) n_embd : 0);
     struct cell { int32_t next, image_id; };
     std::vector<cell> pending;  // cells of the batch being filled
     pending.reserve((size_t) s->n_batch);
-    int32_t pos = s->next_pos;  // position of the next text token, or the start of the next image
-    int64_t done = 0;
-    auto flush = [&](const char * what) {
+    const char * what = "prompt evaluation";
+    auto flush = [&]() {
         glm4v_status st = run_batch(s, what);
         if (st != GLM4V_OK) return st;
         s->timings.n_eval_batches += 1;
@@ -181,54 +111,60 @@ glm4v_status eval_merged(glm4v_session * s, const glm4v_part * parts, int32_t n_
         llama_batch_ext_clear(s->batch);
         return GLM4V_OK;
     };
-    auto add = [&](const float * data, const llama_pos (&p)[4], cell c, bool last_row, const char * what) {
-        const llama_embd e = {data, 1, (size_t) n_embd};
-        const int32_t idx = llama_batch_ext_add_embd(s->batch, 0, e);
+    // One entry: an embedding row (data) or a token id; p holds (t, h, w, 0) for M-RoPE.
+    auto add = [&](const float * data, int32_t token, const llama_pos (&p)[4], cell c, bool last) {
+        const int32_t idx = data ? llama_batch_ext_add_embd(s->batch, 0, llama_embd{data, 1, (size_t) n_embd})
+                                 : llama_batch_ext_add_token(s->batch, 0, token);
         if (idx < 0) return fail(s, GLM4V_ERR_INTERNAL, "batch full");
         llama_batch_ext_set_pos(s->batch, idx, p);
         if (pos_out) {
-            for (int k = 0; k < 3; ++k) pos_out[(size_t) done * 3 + k] = p[k];
+            for (int k = 0; k < 3; ++k) pos_out[k] = p[k];
+            pos_out += 3;
         }
-        ++done;
         pending.push_back(c);
-        if (last_row) llama_batch_ext_set_output_logits(s->batch, idx, true);
-        if (last_row || (int32_t) pending.size() == s->n_batch) return flush(what);
+        if (last) llama_batch_ext_set_output_logits(s->batch, idx, true);
+        if (last || (int32_t) pending.size() == s->n_batch) return flush();
         return GLM4V_OK;
     };
+    int32_t pos = s->next_pos;  // position of the next text token, or the start of the next image
+    bool batch_embd = false;    // kind of the entries in the batch being filled
     llama_batch_ext_clear(s->batch);
     for (int32_t i = 0; i < n_parts; ++i) {
         const glm4v_part & part = parts[i];
         const bool last_part = i == n_parts - 1;
+        const bool embd = part.embd || text_as_embd;
+        if (!pending.empty() && (batch_per_part || embd != batch_embd)) {
+            glm4v_status st = flush();
+            if (st != GLM4V_OK) return st;
+        }
+        batch_embd = embd;
+        glm4v_status st = GLM4V_OK;
         if (part.embd) {
-            const int32_t st = pos, n = part.rows * part.cols;
+            what = "image evaluation";
+            const int32_t n = part.rows * part.cols;
             const int32_t image_id = ++s->n_images_seen;
-            const int32_t next = s->use_mrope ? st + std::max(part.rows, part.cols) : st + n;
-            for (int32_t j = 0; j < n; ++j) {
-                const int32_t r = j / part.cols, c = j % part.cols;
-                llama_pos p[4] = {st, st + r, st + c, 0};
-                if (!s->use_mrope) p[0] = p[1] = p[2] = p[3] = st + j;
-                glm4v_status stt = add(part.embd + (size_t) j * n_embd, p, {next, image_id},
-                                       last_part && j == n - 1, "image evaluation");
-                if (stt != GLM4V_OK) return stt;
+            // Merged-grid token (r, c) sits at (t, h, w) = (pos, pos + r, pos + c) and the image moves the
+            // next position by max(rows, cols).
+            const int32_t next = s->use_mrope ? pos + std::max(part.rows, part.cols) : pos + n;
+            for (int32_t j = 0; j < n && st == GLM4V_OK; ++j) {
+                llama_pos p[4] = {pos, pos + j / part.cols, pos + j % part.cols, 0};
+                if (!s->use_mrope) p[0] = p[1] = p[2] = p[3] = pos + j;
+                st = add(part.embd + (size_t) j * n_embd, 0, p, {next, image_id}, last_part && j == n - 1);
             }
             pos = next;
         } else {
-            for (int32_t j = 0; j < part.n_tokens; ++j) {
+            what = "prompt evaluation";
+            for (int32_t j = 0; j < part.n_tokens && st == GLM4V_OK; ++j, ++pos) {
                 const int32_t t = part.tokens[j];
-                if (t < 0 || t >= n_vocab) {
-                    return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("token id %d is outside the vocabulary (0..%d)", t, n_vocab - 1));
-                }
-                if (!s->token_rows.read(t, row.data())) {
+                if (text_as_embd && !s->token_rows.read(t, row.data())) {
                     return fail(s, GLM4V_ERR_INTERNAL, fmt("could not read the embedding of token %d from the model file", t));
                 }
-                // Text: (p, p, p, 0), as the engine expands a token's position for M-RoPE.
+                // Text advances one position per token: (p, p, p, 0), as the engine expands a token's position.
                 const llama_pos p[4] = {pos, pos, pos, s->use_mrope ? 0 : pos};
-                glm4v_status stt = add(row.data(), p, {pos + 1, 0}, last_part && j == part.n_tokens - 1,
-                                       "prompt evaluation");
-                if (stt != GLM4V_OK) return stt;
-                ++pos;
+                st = add(text_as_embd ? row.data() : nullptr, t, p, {pos + 1, 0}, last_part && j == part.n_tokens - 1);
             }
         }
+        if (st != GLM4V_OK) return st;
     }
     return GLM4V_OK;
 }
@@ -406,6 +342,8 @@ glm4v_status glm4v_eval(glm4v_session * s, const glm4v_part * parts, int32_t n_p
                 if (p.n_tokens < 0 || (p.n_tokens > 0 && !p.tokens)) {
                     return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d has an invalid token array", i));
                 }
+                glm4v_status st = check_token_ids(s, p.tokens, p.n_tokens);
+                if (st != GLM4V_OK) return st;
                 total += p.n_tokens;
             }
         }
@@ -427,32 +365,7 @@ glm4v_status glm4v_eval(glm4v_session * s, const glm4v_part * parts, int32_t n_p
         const double t0 = now_ms();
         s->timings.n_eval_batches = 0;
         const int32_t start_cells = (int32_t) have;
-        glm4v_status st = GLM4V_OK;
-        bool has_image = false;
-        for (int32_t i = 0; i < n_parts; ++i) has_image = has_image || parts[i].embd != nullptr;
-        if (has_image && s->token_rows.ok()) {
-            st = eval_merged(s, parts, n_parts, positions_out);
-        } else if (!has_image) {
-            // Text parts, as one token sequence: batches cross part boundaries.
-            std::vector<int32_t> toks;
-            toks.reserve((size_t) total);
-            for (int32_t i = 0; i < n_parts; ++i) toks.insert(toks.end(), parts[i].tokens, parts[i].tokens + parts[i].n_tokens);
-            st = eval_text(s, toks.data(), (int32_t) toks.size(), true, positions_out);
-        } else {
-            // Images without a readable token-embedding table: part by part.
-            int64_t done = 0;
-            for (int32_t i = 0; i < n_parts && st == GLM4V_OK; ++i) {
-                const bool last = (i == n_parts - 1);
-                int32_t * pos = positions_out ? positions_out + done * 3 : nullptr;
-                if (parts[i].embd) {
-                    st = eval_image(s, &parts[i], last, pos);
-                    done += (int64_t) parts[i].rows * parts[i].cols;
-                } else if (parts[i].n_tokens > 0) {
-                    st = eval_text(s, parts[i].tokens, parts[i].n_tokens, last, pos);
-                    done += parts[i].n_tokens;
-                }
-            }
-        }
+        glm4v_status st = eval_parts(s, parts, n_parts, positions_out);
         if (st != GLM4V_OK) {
             // Leave the cache as it was before the call: the failed call changes nothing.
             std::string msg = s->last_error;

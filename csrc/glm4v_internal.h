@@ -30,7 +30,7 @@ struct glm4v_image {
 // projector) so the engine's batches span part boundaries: one image between two short
 // texts is otherwise four ubatches, two of them small and slow. Unavailable (ok() false)
 // when the table is not in the main file (split models) or its type has no row converter;
-// evaluation then goes part by part.
+// evaluation then goes part by part (eval_parts in glm4v_eval.cpp).
 struct glm4v_token_rows {
     std::FILE * file = nullptr;
     int32_t type = -1;        // ggml_type of the stored rows
@@ -110,6 +110,8 @@ void begin_call(glm4v_session * s);
 void install_log_once();
 std::string fmt(const char * f, ...);
 double now_ms();
+// GLM4V_ERR_INVALID_ARGUMENT (recorded on s) if a token id is outside the vocabulary.
+glm4v_status check_token_ids(glm4v_session * s, const int32_t * tokens, int32_t n);
 // Length of the longest prefix of s that does not end inside a UTF-8 sequence.
 size_t utf8_complete_prefix(const std::string & s);
 

@@ -281,8 +281,16 @@ def reference_last_logits(model: Any, inputs: dict[str, Any], f16_conv: bool = T
     return logits.numpy()
 
 
+def last_logits_and_router_margin(model: Any, inputs: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """``reference_last_logits`` and, from the same run, the smallest routing margin over the prompt's
+    tokens and every MoE layer (``inf`` for a dense model)."""
+    with _router_margins(model) as margins:
+        logits = reference_last_logits(model, inputs)
+    return logits, min(margins, default=float("inf"))
+
+
 @contextlib.contextmanager
-def router_margins(model: Any) -> Iterator[list[float]]:
+def _router_margins(model: Any) -> Iterator[list[float]]:
     """While the block runs ``model``, collect each MoE layer's smallest routing margin over its tokens
     (the list stays empty for a dense model).
 
@@ -297,7 +305,7 @@ def router_margins(model: Any) -> Iterator[list[float]]:
 
     def hook(router: Any, _args: Any, out: tuple[Any, Any, Any]) -> None:
         if router.num_group != 1:
-            raise NotImplementedError("router_margins covers n_group == 1 only")
+            raise NotImplementedError("last_logits_and_router_margin covers n_group == 1 only")
         router_logits, _, indices = out
         scores = router_logits.float().sigmoid() + router.e_score_correction_bias
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)

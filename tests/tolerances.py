@@ -28,7 +28,7 @@ LOGITS_MAX_ABS_F16 = 1.5e-1
 # by up to 3.1e-3 (measured in the reference on test_engine_patches.py's prompts). A token whose last chosen and
 # best unchosen expert are closer than twice that may go to the other expert in the engine - admissible, but
 # it moves the logits by O(1) (seen: a margin of 2.8e-4 flipped, max |logit difference| 1.15). Prompts whose
-# MoE logits are compared against the reference must clear this margin (reference.router_margins).
+# MoE logits are compared against the reference must clear this margin (reference.last_logits_and_router_margin).
 ROUTER_MARGIN_MIN = 2 * 3.1e-3
 
 # BF16 mode (GGUF outtype bf16, what preferred_float_type() picks on CPUs with AVX512_BF16): weights and the
