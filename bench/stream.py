@@ -63,10 +63,12 @@ def one_run(session: Session, mode: str, n_tokens: int, seed: int) -> dict[str, 
         kinds: dict[str, int] = {}
         for chunk in session.chat_stream(MESSAGES, config, thinking=True):
             kinds[chunk.kind] = kinds.get(chunk.kind, 0) + 1
+            timings = chunk.timings
     else:
-        session.chat(MESSAGES, config, thinking=True)
+        timings = session.chat(MESSAGES, config, thinking=True).timings
     wall = time.perf_counter() - start
-    t = session._timings(0)  # the engine's own clocks for this very generation
+    t = timings  # the engine's own clocks for this very generation (the last chunk carries them)
+    assert t is not None
     engine_s = (t.prompt_ms + t.decode_ms + t.sample_ms) / 1000
     return {"tokens": n_tokens, "wall_s": wall, "engine_s": engine_s, "tok_s": n_tokens / wall,
             "engine_tok_s": n_tokens / engine_s, "ratio": engine_s / wall,
@@ -111,7 +113,7 @@ def main() -> None:
                 for mode in ("chat_stream", "chat"):  # A B A B ...
                     runs[mode].append(one_run(session, mode, n, seed=r))
             rows += [summarise(mode, n, rs) for mode, rs in runs.items()]
-        prompt = build_prompt(session, MESSAGES, True)[0][0]
+        prompt = build_prompt(session.model, MESSAGES, True)[0][0]
     if importlib.util.find_spec("llama_cpp") is None:
         peer = "not installed here: not measured"
     elif args.no_llama_cpp_python:

@@ -1,7 +1,7 @@
-// glm4v-mtmd C API over llama.h + mtmd.h: library, logging and errors, session, vocabulary.
+// glm4v-mtmd C API over llama.h + mtmd.h: library, logging and errors, model, contexts, vocabulary.
 //
 // Every exported function catches C++ exceptions and reports a status; messages go to a
-// per-session string (or a thread-local one when there is no session). Engine log lines of
+// per-context string (or a thread-local one for calls on the model or on nothing). Engine log lines of
 // level ERROR seen during a call are appended to the message, because the engine explains
 // most failures only through its log.
 
@@ -13,6 +13,9 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+
+// Our bound on sequences of one model (the engine's is LLAMA_MAX_SEQ, 256).
+#define GLM4V_MAX_PARALLEL 256
 
 #ifndef GLM4V_ENGINE_COMMIT
 #define GLM4V_ENGINE_COMMIT "unknown"
@@ -95,11 +98,13 @@ double now_ms() {
     return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
 }
 
-glm4v_status check_token_ids(glm4v_session * s, const int32_t * tokens, int32_t n) {
-    const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
+std::string engine_errors() { return t_engine_errors; }
+
+glm4v_status check_token_ids(const glm4v_model * m, glm4v_ctx * c, const int32_t * tokens, int32_t n) {
+    const int32_t n_vocab = m->n_vocab;
     for (int32_t i = 0; i < n; ++i) {
         if (tokens[i] < 0 || tokens[i] >= n_vocab) {
-            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("token id %d is outside the vocabulary (0..%d)", tokens[i], n_vocab - 1));
+            return fail(c, GLM4V_ERR_INVALID_ARGUMENT, fmt("token id %d is outside the vocabulary (0..%d)", tokens[i], n_vocab - 1));
         }
     }
     return GLM4V_OK;
@@ -123,26 +128,26 @@ size_t utf8_complete_prefix(const std::string & s) {
 }
 
 
-glm4v_status fail(glm4v_session * s, glm4v_status st, const std::string & msg) {
+glm4v_status fail(glm4v_ctx * c, glm4v_status st, const std::string & msg) {
     std::string full = with_engine_detail(msg);
-    if (s) {
-        s->last_error = full;
+    if (c) {
+        c->last_error = full;
     } else {
         t_global_error = full;
     }
     return st;
 }
 
-void begin_call(glm4v_session * s) {
+void begin_api_call(glm4v_ctx * c) {
     t_engine_errors.clear();
-    if (s) s->last_error.clear();
+    if (c) c->last_error.clear();
 }
 
 }  // namespace glm4v_detail
 
 using namespace glm4v_detail;
 
-bool glm4v_session::poll_interrupt(bool rate_limited) {
+bool glm4v_ctx::poll_interrupt(bool rate_limited) {
     if (!poll_fn) return false;
     if (rate_limited) {
         const double t = now_ms();
@@ -155,11 +160,6 @@ bool glm4v_session::poll_interrupt(bool rate_limited) {
 }
 
 namespace {
-
-bool abort_cb(void * data) {
-    auto * s = static_cast<glm4v_session *>(data);
-    return s->cancel.load() || s->poll_interrupt(true);
-}
 
 ggml_type kv_type_checked(int32_t t, bool & ok) {
     switch (t) {
@@ -200,6 +200,7 @@ void glm4v_set_log_callback(glm4v_log_fn fn, void * user_data) {
 glm4v_load_params glm4v_load_params_default(void) {
     glm4v_load_params p;
     p.n_ctx = 4096;
+    p.n_parallel = 1;
     p.n_batch = 2048;
     p.n_ubatch = 512;
     p.n_threads = 4;
@@ -232,17 +233,17 @@ glm4v_sampling glm4v_sampling_default(void) {
 }
 
 // ---------------------------------------------------------------------------------------
-// session
+// model
 // ---------------------------------------------------------------------------------------
 
-glm4v_status glm4v_session_load(const char * model_path, const char * mmproj_path,
-                                const glm4v_load_params * params, glm4v_session ** out) {
+glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
+                              const glm4v_load_params * params, glm4v_model ** out) {
     install_log_once();
-    begin_call(nullptr);
+    begin_api_call(nullptr);
     if (!out) return fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "out is NULL");
     *out = nullptr;
     if (!model_path || !params) return fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "model path and params are required");
-    glm4v_session * s = nullptr;
+    glm4v_model * m = nullptr;
     try {
         const double t0 = now_ms();
         bool ok_k = false, ok_v = false;
@@ -253,41 +254,58 @@ glm4v_status glm4v_session_load(const char * model_path, const char * mmproj_pat
             params->n_threads_batch <= 0) {
             return fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "n_ctx, n_batch, n_ubatch and thread counts must be positive");
         }
+        if (params->n_parallel <= 0 || params->n_parallel > GLM4V_MAX_PARALLEL) {
+            return fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT,
+                        fmt("n_parallel must be in 1..%d (got %d)", GLM4V_MAX_PARALLEL, params->n_parallel));
+        }
+        if ((int64_t) params->n_ctx * params->n_parallel > INT32_MAX) {
+            return fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "n_ctx * n_parallel does not fit in 32 bits");
+        }
 
-        s = new glm4v_session();
+        m = new glm4v_model();
         llama_model_params mp = llama_model_default_params();
         mp.n_gpu_layers = params->n_gpu_layers;
         mp.load_mode = params->use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
-        s->model = llama_model_load_from_file(model_path, mp);
-        if (!s->model) {
-            delete s;
+        m->model = llama_model_load_from_file(model_path, mp);
+        if (!m->model) {
+            delete m;
             return fail(nullptr, GLM4V_ERR_LOAD, fmt("failed to load the text model '%s'", model_path));
         }
-        s->vocab = llama_model_get_vocab(s->model);
+        m->vocab = llama_model_get_vocab(m->model);
+        m->n_vocab = llama_vocab_n_tokens(m->vocab);
+        m->n_embd = llama_model_n_embd_inp(m->model);
 
         llama_context_params cp = llama_context_default_params();
-        cp.n_ctx = (uint32_t) params->n_ctx;
+        // Each sequence gets a KV stream of its own with n_ctx cells (kv_unified off): its attention
+        // reads its own cells only, as llama-batched-bench runs without -kvu.
+        cp.n_ctx = (uint32_t) params->n_ctx * (uint32_t) params->n_parallel;
         cp.n_batch = (uint32_t) params->n_batch;
         cp.n_ubatch = (uint32_t) std::min(params->n_ubatch, params->n_batch);
-        cp.n_seq_max = 1;
+        cp.n_seq_max = (uint32_t) params->n_parallel;
+        cp.kv_unified = false;
         cp.n_threads = params->n_threads;
         cp.n_threads_batch = params->n_threads_batch;
         cp.flash_attn_type = (llama_flash_attn_type) params->flash_attn;
         cp.type_k = tk;
         cp.type_v = tv;
-        cp.abort_callback = abort_cb;
-        cp.abort_callback_data = s;
+        cp.abort_callback = step_abort;
+        cp.abort_callback_data = m;
         cp.no_perf = false;
-        s->ctx = llama_init_from_model(s->model, cp);
-        if (!s->ctx) {
-            delete s;
-            return fail(nullptr, GLM4V_ERR_LOAD, fmt("failed to create a context of %d tokens for '%s'", params->n_ctx, model_path));
+        m->lctx = llama_init_from_model(m->model, cp);
+        if (!m->lctx) {
+            delete m;
+            return fail(nullptr, GLM4V_ERR_LOAD,
+                        fmt("failed to create a context of %d x %d tokens for '%s'", params->n_parallel, params->n_ctx, model_path));
         }
-        s->n_batch = (int32_t) llama_n_batch(s->ctx);
-        s->batch = llama_batch_ext_init(s->ctx);
-        s->use_mrope = llama_model_rope_type(s->model) == LLAMA_ROPE_TYPE_MROPE ||
-                       llama_model_rope_type(s->model) == LLAMA_ROPE_TYPE_IMROPE;
-        s->token_rows.open(model_path, llama_model_n_embd_inp(s->model), llama_vocab_n_tokens(s->vocab));
+        m->n_batch = (int32_t) llama_n_batch(m->lctx);
+        m->n_parallel = (int32_t) llama_n_seq_max(m->lctx);
+        m->n_ctx_seq = (int32_t) llama_n_ctx_seq(m->lctx);
+        m->seq_used.assign((size_t) m->n_parallel, false);
+        m->batch = llama_batch_ext_init(m->lctx);
+        m->use_mrope = llama_model_rope_type(m->model) == LLAMA_ROPE_TYPE_MROPE ||
+                       llama_model_rope_type(m->model) == LLAMA_ROPE_TYPE_IMROPE;
+        m->token_rows.open(model_path, m->n_embd, m->n_vocab);
+        m->row_buf.resize((size_t) m->n_embd);
 
         if (mmproj_path && mmproj_path[0]) {
             mtmd_context_params mcp = mtmd_context_params_default();
@@ -298,60 +316,63 @@ glm4v_status glm4v_session_load(const char * model_path, const char * mmproj_pat
             mcp.warmup = params->warmup != 0;
             mcp.image_min_tokens = params->image_min_tokens;
             mcp.image_max_tokens = params->image_max_tokens;
-            s->mctx = mtmd_init_from_file(mmproj_path, s->model, mcp);
-            if (!s->mctx) {
-                delete s;
+            m->mctx = mtmd_init_from_file(mmproj_path, m->model, mcp);
+            if (!m->mctx) {
+                delete m;
                 return fail(nullptr, GLM4V_ERR_LOAD, fmt("failed to load the projector '%s'", mmproj_path));
             }
-            if (!mtmd_support_vision(s->mctx)) {
-                delete s;
+            if (!mtmd_support_vision(m->mctx)) {
+                delete m;
                 return fail(nullptr, GLM4V_ERR_LOAD, fmt("the projector '%s' has no vision encoder", mmproj_path));
             }
         }
-        s->timings.t_load_ms = now_ms() - t0;
-        *out = s;
+        m->t_load_ms = now_ms() - t0;
+        *out = m;
         return GLM4V_OK;
     }
     catch (const std::exception & e) {
-        delete s;
+        delete m;
         return fail(nullptr, GLM4V_ERR_LOAD, std::string("failed to load: ") + e.what());
     }
     catch (...) {
-        delete s;
+        delete m;
         return fail(nullptr, GLM4V_ERR_LOAD, "failed to load: unknown error");
     }
 }
 
-void glm4v_session_free(glm4v_session * s) { delete s; }
+void glm4v_model_free(glm4v_model * m) { delete m; }
 
-const char * glm4v_last_error(const glm4v_session * s) {
-    return s ? s->last_error.c_str() : t_global_error.c_str();
+double glm4v_model_load_ms(const glm4v_model * m) { return m ? m->t_load_ms : 0.0; }
+
+void glm4v_model_steps(glm4v_model * m, int64_t * steps, int64_t * requests) {
+    if (m) model_steps(m, steps, requests);
 }
 
-glm4v_status glm4v_session_info(const glm4v_session * s, glm4v_model_info * out) {
-    if (!s || !out) return GLM4V_ERR_INVALID_ARGUMENT;
-    out->n_vocab = llama_vocab_n_tokens(s->vocab);
-    out->n_embd = llama_model_n_embd_inp(s->model);
-    out->n_ctx = (int32_t) llama_n_ctx(s->ctx);
-    out->n_ctx_train = llama_model_n_ctx_train(s->model);
-    out->n_layer = llama_model_n_layer(s->model);
+glm4v_status glm4v_model_get_info(const glm4v_model * m, glm4v_model_info * out) {
+    if (!m || !out) return GLM4V_ERR_INVALID_ARGUMENT;
+    out->n_vocab = m->n_vocab;
+    out->n_embd = m->n_embd;
+    out->n_ctx = m->n_ctx_seq;
+    out->n_parallel = m->n_parallel;
+    out->n_ctx_train = llama_model_n_ctx_train(m->model);
+    out->n_layer = llama_model_n_layer(m->model);
     out->mmproj_n_embd = -1;
-    out->use_mrope = s->use_mrope ? 1 : 0;
-    out->image_token = glm4v_token_id(const_cast<glm4v_session *>(s), "<|image|>");
-    out->begin_image_token = glm4v_token_id(const_cast<glm4v_session *>(s), "<|begin_of_image|>");
-    out->end_image_token = glm4v_token_id(const_cast<glm4v_session *>(s), "<|end_of_image|>");
-    out->n_params = (int64_t) llama_model_n_params(s->model);
-    out->model_size = llama_model_size(s->model);
-    if (s->mctx) {
+    out->use_mrope = m->use_mrope ? 1 : 0;
+    out->image_token = glm4v_token_id(m, "<|image|>");
+    out->begin_image_token = glm4v_token_id(m, "<|begin_of_image|>");
+    out->end_image_token = glm4v_token_id(m, "<|end_of_image|>");
+    out->n_params = (int64_t) llama_model_n_params(m->model);
+    out->model_size = llama_model_size(m->model);
+    if (m->mctx) {
         out->mmproj_n_embd = out->n_embd;  // equality is enforced by mtmd_init_from_file
     }
     return GLM4V_OK;
 }
 
-glm4v_status glm4v_meta_str(const glm4v_session * s, const char * key, char * buf, int32_t cap, int32_t * n_out) {
-    if (!s || !key || !n_out) return GLM4V_ERR_INVALID_ARGUMENT;
+glm4v_status glm4v_meta_str(const glm4v_model * m, const char * key, char * buf, int32_t cap, int32_t * n_out) {
+    if (!m || !key || !n_out) return GLM4V_ERR_INVALID_ARGUMENT;
     char small[1];
-    int32_t n = llama_model_meta_val_str(s->model, key, cap > 0 ? buf : small, cap > 0 ? (size_t) cap : 1);
+    int32_t n = llama_model_meta_val_str(m->model, key, cap > 0 ? buf : small, cap > 0 ? (size_t) cap : 1);
     if (n < 0) {
         *n_out = -1;
         return GLM4V_ERR_INVALID_ARGUMENT;
@@ -360,36 +381,92 @@ glm4v_status glm4v_meta_str(const glm4v_session * s, const char * key, char * bu
     return n < cap ? GLM4V_OK : GLM4V_ERR_BUFFER_TOO_SMALL;
 }
 
-glm4v_status glm4v_get_timings(const glm4v_session * s, glm4v_timings * out) {
-    if (!s || !out) return GLM4V_ERR_INVALID_ARGUMENT;
-    *out = s->timings;
+// ---------------------------------------------------------------------------------------
+// contexts
+// ---------------------------------------------------------------------------------------
+
+glm4v_status glm4v_ctx_open(glm4v_model * m, glm4v_ctx ** out) {
+    begin_api_call(nullptr);
+    if (!m || !out) return fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "model and out are required");
+    *out = nullptr;
+    try {
+        std::lock_guard<std::mutex> lk(m->seq_mu);
+        // The lowest free id: the engine batches consecutive ids together (see take_step).
+        auto it = std::find(m->seq_used.begin(), m->seq_used.end(), false);
+        if (it == m->seq_used.end()) {
+            return fail(nullptr, GLM4V_ERR_BUSY, fmt("all %d sequences of the model are in use", m->n_parallel));
+        }
+        auto * c = new glm4v_ctx();
+        c->m = m;
+        c->seq = (int32_t) (it - m->seq_used.begin());
+        c->logits.reserve((size_t) m->n_vocab);
+        // A sequence given back keeps nothing, but clear it anyway: a failed step may have left cells.
+        llama_memory_seq_rm(llama_get_memory(m->lctx), c->seq, -1, -1);
+        *it = true;
+        *out = c;
+        return GLM4V_OK;
+    }
+    GLM4V_GUARD(nullptr)
+}
+
+void glm4v_ctx_free(glm4v_ctx * c) {
+    if (!c) return;
+    glm4v_model * m = c->m;
+    try {
+        {
+            glm4v_call_scope scope(c);
+            reset_generation(c);
+        }
+        std::lock_guard<std::mutex> lk(m->seq_mu);
+        llama_memory_seq_rm(llama_get_memory(m->lctx), c->seq, -1, -1);
+        m->seq_used[(size_t) c->seq] = false;
+    } catch (...) {
+    }
+    delete c;
+}
+
+const char * glm4v_last_error(const glm4v_ctx * c) {
+    return c ? c->last_error.c_str() : t_global_error.c_str();
+}
+
+int32_t glm4v_ctx_seq_id(const glm4v_ctx * c) { return c ? c->seq : -1; }
+
+void glm4v_begin_call(glm4v_ctx * c) {
+    if (!c) return;
+    c->cancel.store(false);
+    c->timings = glm4v_timings{};
+}
+
+glm4v_status glm4v_get_timings(const glm4v_ctx * c, glm4v_timings * out) {
+    if (!c || !out) return GLM4V_ERR_INVALID_ARGUMENT;
+    *out = c->timings;
     return GLM4V_OK;
 }
 
-void glm4v_set_interrupt_poll(glm4v_session * s, glm4v_poll_fn fn, void * user_data, int32_t interval_ms) {
-    if (!s) return;
-    s->poll_fn = fn;
-    s->poll_user = user_data;
-    s->poll_interval_ms = interval_ms > 0 ? interval_ms : 0.0;
-    s->poll_last_ms = 0.0;
+void glm4v_set_interrupt_poll(glm4v_ctx * c, glm4v_poll_fn fn, void * user_data, int32_t interval_ms) {
+    if (!c) return;
+    c->poll_fn = fn;
+    c->poll_user = user_data;
+    c->poll_interval_ms = interval_ms > 0 ? interval_ms : 0.0;
+    c->poll_last_ms = 0.0;
 }
 
-void glm4v_cancel(glm4v_session * s) {
-    if (s) s->cancel.store(true);
+void glm4v_cancel(glm4v_ctx * c) {
+    if (c) c->cancel.store(true);
 }
 
 // ---------------------------------------------------------------------------------------
 // vocabulary
 // ---------------------------------------------------------------------------------------
 
-glm4v_status glm4v_tokenize(glm4v_session * s, const char * text, int32_t len, int32_t parse_special,
+glm4v_status glm4v_tokenize(const glm4v_model * m, const char * text, int32_t len, int32_t parse_special,
                             int32_t * out, int32_t cap, int32_t * n_out) {
-    if (!s || !text || !n_out || len < 0) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
+    if (!m || !text || !n_out || len < 0) return GLM4V_ERR_INVALID_ARGUMENT;
+    begin_api_call(nullptr);
     try {
         // GLM has no BOS: the prompt itself starts with [gMASK]<sop>, so add_special is false.
-        int32_t n = llama_tokenize(s->vocab, text, len, out, cap, false, parse_special != 0);
-        if (n == INT32_MIN) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "text too long to tokenize");
+        int32_t n = llama_tokenize(m->vocab, text, len, out, cap, false, parse_special != 0);
+        if (n == INT32_MIN) return fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "text too long to tokenize");
         if (n < 0) {
             *n_out = -n;
             return GLM4V_ERR_BUFFER_TOO_SMALL;
@@ -397,17 +474,17 @@ glm4v_status glm4v_tokenize(glm4v_session * s, const char * text, int32_t len, i
         *n_out = n;
         return GLM4V_OK;
     }
-    GLM4V_GUARD(s)
+    GLM4V_GUARD(nullptr)
 }
 
-glm4v_status glm4v_detokenize(glm4v_session * s, const int32_t * tokens, int32_t n, int32_t render_special,
+glm4v_status glm4v_detokenize(const glm4v_model * m, const int32_t * tokens, int32_t n, int32_t render_special,
                               char * buf, int32_t cap, int32_t * n_out) {
-    if (!s || (!tokens && n > 0) || !n_out || n < 0) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
+    if (!m || (!tokens && n > 0) || !n_out || n < 0) return GLM4V_ERR_INVALID_ARGUMENT;
+    begin_api_call(nullptr);
     try {
-        glm4v_status st = check_token_ids(s, tokens, n);
+        glm4v_status st = check_token_ids(m, nullptr, tokens, n);
         if (st != GLM4V_OK) return st;
-        int32_t r = llama_detokenize(s->vocab, tokens, n, buf, cap, false, render_special != 0);
+        int32_t r = llama_detokenize(m->vocab, tokens, n, buf, cap, false, render_special != 0);
         if (r < 0) {
             *n_out = -r;
             return GLM4V_ERR_BUFFER_TOO_SMALL;
@@ -415,26 +492,26 @@ glm4v_status glm4v_detokenize(glm4v_session * s, const int32_t * tokens, int32_t
         *n_out = r;
         return GLM4V_OK;
     }
-    GLM4V_GUARD(s)
+    GLM4V_GUARD(nullptr)
 }
 
-glm4v_status glm4v_token_piece(glm4v_session * s, int32_t token, int32_t render_special, char * buf, int32_t cap,
+glm4v_status glm4v_token_piece(const glm4v_model * m, int32_t token, int32_t render_special, char * buf, int32_t cap,
                                int32_t * n_out) {
-    return glm4v_detokenize(s, &token, 1, render_special, buf, cap, n_out);
+    return glm4v_detokenize(m, &token, 1, render_special, buf, cap, n_out);
 }
 
-int32_t glm4v_token_is_eog(const glm4v_session * s, int32_t token) {
-    if (!s || token < 0 || token >= llama_vocab_n_tokens(s->vocab)) return 0;
-    return llama_vocab_is_eog(s->vocab, token) ? 1 : 0;
+int32_t glm4v_token_is_eog(const glm4v_model * m, int32_t token) {
+    if (!m || token < 0 || token >= m->n_vocab) return 0;
+    return llama_vocab_is_eog(m->vocab, token) ? 1 : 0;
 }
 
-int32_t glm4v_token_id(glm4v_session * s, const char * piece) {
-    if (!s || !piece) return -1;
+int32_t glm4v_token_id(const glm4v_model * m, const char * piece) {
+    if (!m || !piece) return -1;
     int32_t tok[2];
-    int32_t n = llama_tokenize(s->vocab, piece, (int32_t) strlen(piece), tok, 2, false, true);
+    int32_t n = llama_tokenize(m->vocab, piece, (int32_t) strlen(piece), tok, 2, false, true);
     if (n != 1) return -1;
     // Only an exact special piece counts, not an ordinary token that happens to match.
-    const char * text = llama_vocab_get_text(s->vocab, tok[0]);
+    const char * text = llama_vocab_get_text(m->vocab, tok[0]);
     return (text && strcmp(text, piece) == 0) ? tok[0] : -1;
 }
 

@@ -6,8 +6,14 @@
  * against glm4v.h, so any drift between the two is a compile error.
  *
  * Conventions: every function that can fail returns a glm4v_status; on failure the
- * message is available from glm4v_last_error(session) or, for calls without a
- * session (or a failed load), glm4v_last_global_error() (thread-local).
+ * message is available from glm4v_last_error(ctx) for calls on a glm4v_ctx, and from
+ * glm4v_last_global_error() (thread-local) for calls on a glm4v_model or none.
+ *
+ * Threads: a glm4v_model may be used from several threads at once (its vocabulary calls
+ * are read-only, image encodes are serialised on the projector). A glm4v_ctx is used by
+ * one thread at a time. Contexts that evaluate or generate at the same time from
+ * different threads share the engine: their pending work (one token per generating
+ * context, prompt chunks) is combined into one engine batch per step.
  */
 
 typedef enum glm4v_status {
@@ -19,7 +25,8 @@ typedef enum glm4v_status {
     GLM4V_ERR_DECODE = 5,
     GLM4V_ERR_CANCELLED = 6,
     GLM4V_ERR_BUFFER_TOO_SMALL = 7,
-    GLM4V_ERR_INTERNAL = 8
+    GLM4V_ERR_INTERNAL = 8,
+    GLM4V_ERR_BUSY = 9         /* every sequence of the model is in use */
 } glm4v_status;
 
 typedef enum glm4v_finish {
@@ -30,14 +37,18 @@ typedef enum glm4v_finish {
     GLM4V_FINISH_CANCELLED = 4 /* glm4v_cancel() was called */
 } glm4v_finish;
 
-typedef struct glm4v_session glm4v_session;
+/* A loaded model pair (text model, projector, one engine context holding n_parallel KV
+ * sequences); shared by threads. A glm4v_ctx is one conversation: one sequence of it. */
+typedef struct glm4v_model glm4v_model;
+typedef struct glm4v_ctx glm4v_ctx;
 typedef struct glm4v_image glm4v_image;
 
 /* Log callback: level is ggml's (1 debug, 2 info, 3 warn, 4 error, 5 continuation). */
 typedef void (*glm4v_log_fn)(int level, const char *text, void *user_data);
 
 typedef struct glm4v_load_params {
-    int32_t n_ctx;            /* text context in tokens (KV cells) */
+    int32_t n_ctx;            /* KV cells of each sequence (the engine context holds n_ctx * n_parallel) */
+    int32_t n_parallel;       /* sequences (conversations) that can be open at once, 1..256 */
     int32_t n_batch;          /* logical batch size for prompt evaluation */
     int32_t n_ubatch;         /* physical batch size */
     int32_t n_threads;        /* threads for decoding one token */
@@ -56,7 +67,8 @@ typedef struct glm4v_load_params {
 typedef struct glm4v_model_info {
     int32_t n_vocab;
     int32_t n_embd;           /* text embedding width */
-    int32_t n_ctx;            /* context actually allocated */
+    int32_t n_ctx;            /* KV cells of each sequence, as allocated */
+    int32_t n_parallel;       /* sequences of the engine context */
     int32_t n_ctx_train;
     int32_t n_layer;
     int32_t mmproj_n_embd;    /* projector output width */
@@ -92,16 +104,14 @@ typedef struct glm4v_part {
     int32_t n_embd;
 } glm4v_part;
 
+/* What one glm4v_ctx did since its last glm4v_begin_call (the timings of one call). */
 typedef struct glm4v_timings {
-    double t_load_ms;
-    double t_preprocess_ms;   /* last image: the engine's pixel preprocessing (normalise, patch) */
-    double t_encode_ms;       /* last image: the vision encoder and projector (mtmd_encode_chunk) */
-    double t_eval_ms;         /* last glm4v_eval */
-    double t_sample_ms;       /* sampling during the current/last generation */
-    double t_decode_ms;       /* decoding during the current/last generation */
-    int32_t n_eval;           /* KV cells filled by the last glm4v_eval */
-    int32_t n_eval_batches;   /* engine calls (up to n_batch cells each) of the last glm4v_eval */
-    int32_t n_decode;         /* tokens decoded in the current/last generation */
+    double t_eval_ms;         /* glm4v_eval since glm4v_begin_call */
+    double t_sample_ms;       /* sampling since glm4v_begin_call */
+    double t_decode_ms;       /* decoding since glm4v_begin_call (waits for shared engine steps included) */
+    int32_t n_eval;           /* KV cells filled by glm4v_eval since glm4v_begin_call */
+    int32_t n_eval_batches;   /* engine batches those cells went in */
+    int32_t n_decode;         /* tokens decoded since glm4v_begin_call */
 } glm4v_timings;
 
 /* ---- library ---- */
@@ -114,39 +124,35 @@ glm4v_sampling glm4v_sampling_default(void);
 /* Quantize a GGUF text model with the engine's quantizer; ftype is a name like "q4_k_m". */
 glm4v_status glm4v_quantize(const char *src_path, const char *dst_path, const char *ftype, int32_t n_threads);
 
-/* ---- session (text model + projector + context) ---- */
-glm4v_status glm4v_session_load(const char *model_path, const char *mmproj_path,
-                                const glm4v_load_params *params, glm4v_session **out);
-void glm4v_session_free(glm4v_session *s);
-const char *glm4v_last_error(const glm4v_session *s);
-glm4v_status glm4v_session_info(const glm4v_session *s, glm4v_model_info *out);
+/* ---- model (text model + projector + the engine context) ---- */
+glm4v_status glm4v_model_load(const char *model_path, const char *mmproj_path,
+                              const glm4v_load_params *params, glm4v_model **out);
+/* Every glm4v_ctx of m must be freed first. */
+void glm4v_model_free(glm4v_model *m);
+glm4v_status glm4v_model_get_info(const glm4v_model *m, glm4v_model_info *out);
+double glm4v_model_load_ms(const glm4v_model *m);
+/* Engine steps run so far and the requests (a context's prompt chunk or token) they served:
+ * requests > steps when contexts shared steps. */
+void glm4v_model_steps(glm4v_model *m, int64_t *steps, int64_t *requests);
 /* Metadata string of the text model; *n_out is the full length (without NUL). */
-glm4v_status glm4v_meta_str(const glm4v_session *s, const char *key, char *buf, int32_t cap, int32_t *n_out);
-glm4v_status glm4v_get_timings(const glm4v_session *s, glm4v_timings *out);
-/* Ask a running eval/encode/generation to stop at its next safe point (thread-safe). */
-void glm4v_cancel(glm4v_session *s);
-/* Interrupt polling (for Ctrl-C): fn(user_data) is called before every generated token and, at most every
-   interval_ms, while the engine computes a batch; a non-zero return cancels the running call as
-   glm4v_cancel() does. fn = NULL turns polling off. Not thread-safe with a running call on s. */
-typedef int32_t (*glm4v_poll_fn)(void *user_data);
-void glm4v_set_interrupt_poll(glm4v_session *s, glm4v_poll_fn fn, void *user_data, int32_t interval_ms);
+glm4v_status glm4v_meta_str(const glm4v_model *m, const char *key, char *buf, int32_t cap, int32_t *n_out);
 
-/* ---- vocabulary ---- */
+/* ---- vocabulary (thread-safe) ---- */
 /* On GLM4V_ERR_BUFFER_TOO_SMALL, *n_out holds the required size. */
-glm4v_status glm4v_tokenize(glm4v_session *s, const char *text, int32_t len, int32_t parse_special,
+glm4v_status glm4v_tokenize(const glm4v_model *m, const char *text, int32_t len, int32_t parse_special,
                             int32_t *out, int32_t cap, int32_t *n_out);
-glm4v_status glm4v_detokenize(glm4v_session *s, const int32_t *tokens, int32_t n, int32_t render_special,
+glm4v_status glm4v_detokenize(const glm4v_model *m, const int32_t *tokens, int32_t n, int32_t render_special,
                               char *buf, int32_t cap, int32_t *n_out);
-glm4v_status glm4v_token_piece(glm4v_session *s, int32_t token, int32_t render_special,
+glm4v_status glm4v_token_piece(const glm4v_model *m, int32_t token, int32_t render_special,
                                char *buf, int32_t cap, int32_t *n_out);
-int32_t glm4v_token_is_eog(const glm4v_session *s, int32_t token);
+int32_t glm4v_token_is_eog(const glm4v_model *m, int32_t token);
 /* Token id of a special piece such as "<|image|>", or -1. */
-int32_t glm4v_token_id(glm4v_session *s, const char *piece);
+int32_t glm4v_token_id(const glm4v_model *m, const char *piece);
 
-/* ---- images ---- */
+/* ---- images (serialised on the model's projector) ---- */
 /* rgb: height*width*3 bytes, row-major. Sides should already be multiples of
  * 2*patch_size (the Python preprocessing does this), so the engine does not resize. */
-glm4v_status glm4v_encode_image(glm4v_session *s, const uint8_t *rgb, int32_t width, int32_t height,
+glm4v_status glm4v_encode_image(glm4v_model *m, const uint8_t *rgb, int32_t width, int32_t height,
                                 glm4v_image **out);
 void glm4v_image_free(glm4v_image *img);
 int32_t glm4v_image_n_tokens(const glm4v_image *img);
@@ -154,31 +160,59 @@ int32_t glm4v_image_n_embd(const glm4v_image *img);
 int32_t glm4v_image_rows(const glm4v_image *img);
 int32_t glm4v_image_cols(const glm4v_image *img);
 const float *glm4v_image_data(const glm4v_image *img);
+/* The engine's pixel preprocessing (normalise, patch) and the vision encoder + projector
+ * (mtmd_encode_chunk) of this image, in milliseconds. */
+double glm4v_image_preprocess_ms(const glm4v_image *img);
+double glm4v_image_encode_ms(const glm4v_image *img);
+
+/* ---- contexts: one KV sequence each ---- */
+/* Take a free sequence of m; GLM4V_ERR_BUSY when all n_parallel are open. */
+glm4v_status glm4v_ctx_open(glm4v_model *m, glm4v_ctx **out);
+/* Empty the sequence and give it back to the model. */
+void glm4v_ctx_free(glm4v_ctx *c);
+const char *glm4v_last_error(const glm4v_ctx *c);
+int32_t glm4v_ctx_seq_id(const glm4v_ctx *c);
+/* Start of one call (evaluate, generate, ...): clears the cancel flag and the timings. A
+ * cancel is only ever cleared here, so one that lands between the calls into C of one call
+ * (evaluation, then generation) is kept. */
+void glm4v_begin_call(glm4v_ctx *c);
+glm4v_status glm4v_get_timings(const glm4v_ctx *c, glm4v_timings *out);
+/* Ask the running call on c to stop at its next safe point (thread-safe). */
+void glm4v_cancel(glm4v_ctx *c);
+/* Interrupt polling (for Ctrl-C): fn(user_data) is called by the thread running a call on c,
+ * before every generated token and, at most every interval_ms, while it waits for or computes
+ * an engine step; a non-zero return cancels the call as glm4v_cancel() does. fn = NULL turns
+ * polling off. Not thread-safe with a running call on c. */
+typedef int32_t (*glm4v_poll_fn)(void *user_data);
+void glm4v_set_interrupt_poll(glm4v_ctx *c, glm4v_poll_fn fn, void *user_data, int32_t interval_ms);
 
 /* ---- KV cache and prompt evaluation ---- */
-/* Cells in the KV cache and the next free position. */
-int32_t glm4v_n_cells(const glm4v_session *s);
-int32_t glm4v_next_pos(const glm4v_session *s);
+/* Cells of c's sequence and its next free position. */
+int32_t glm4v_n_cells(const glm4v_ctx *c);
+int32_t glm4v_next_pos(const glm4v_ctx *c);
 /* Keep the first n_cells cells; n_cells must not split an image. */
-glm4v_status glm4v_kv_truncate(glm4v_session *s, int32_t n_cells);
-/* Append parts to the KV cache. positions_out (may be NULL) receives [n, 3] (t, h, w)
+glm4v_status glm4v_kv_truncate(glm4v_ctx *c, int32_t n_cells);
+/* Append parts to c's sequence. positions_out (may be NULL) receives [n, 3] (t, h, w)
  * for every cell filled, n = sum of part lengths; logits of the last cell are kept.
- * The parts fill shared batches of n_batch cells (a prompt with images as embedding rows,
- * text rows read from the model file) unless the model file lacks its token-embedding table
- * (a split model whose first file does not hold it): then every part has its own batches. */
-glm4v_status glm4v_eval(glm4v_session *s, const glm4v_part *parts, int32_t n_parts,
+ * The parts fill shared batches of n_batch cells (less n_parallel - 1, room for the other
+ * contexts' tokens) (a prompt with images as embedding rows, text rows read from the model
+ * file) unless the model file lacks its token-embedding table (a split model whose first
+ * file does not hold it): then every part has its own batches. */
+glm4v_status glm4v_eval(glm4v_ctx *c, const glm4v_part *parts, int32_t n_parts,
                         int32_t *positions_out, int32_t positions_cap);
 /* Copy the logits of the last evaluated cell (n_vocab floats). */
-glm4v_status glm4v_get_logits(glm4v_session *s, float *out, int32_t cap);
+glm4v_status glm4v_get_logits(glm4v_ctx *c, float *out, int32_t cap);
 
 /* ---- generation: the sample -> decode loop runs in C ---- */
-glm4v_status glm4v_gen_begin(glm4v_session *s, const glm4v_sampling *sampling,
+glm4v_status glm4v_gen_begin(glm4v_ctx *c, const glm4v_sampling *sampling,
                              const int32_t *stop_tokens, int32_t n_stop, int32_t max_tokens);
 /* Generate up to max_steps tokens. Complete UTF-8 text goes to text_out (render special
  * pieces), sampled ids to tokens_out. *finish says why it stopped (GLM4V_FINISH_NONE:
  * more may follow). A sampled stop token is reported in *stop_token (else -1) and is
  * neither emitted nor decoded. */
-glm4v_status glm4v_gen_step(glm4v_session *s, int32_t max_steps,
+glm4v_status glm4v_gen_step(glm4v_ctx *c, int32_t max_steps,
                             char *text_out, int32_t text_cap, int32_t *text_len,
                             int32_t *tokens_out, int32_t tokens_cap, int32_t *n_tokens,
                             int32_t *finish, int32_t *stop_token);
+/* End a generation early (a stream closed before its last chunk); a no-op when none is open. */
+void glm4v_gen_end(glm4v_ctx *c);

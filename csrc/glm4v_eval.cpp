@@ -63,105 +63,100 @@ bool glm4v_token_rows::read(int32_t token, float * out) {
 
 namespace glm4v_detail {
 
-glm4v_status run_batch(glm4v_session * s, const char * what) {
-    int32_t rc = llama_process(s->ctx, LLAMA_PROCESS_TYPE_DECODE, s->batch);
-    if (rc == 0) return GLM4V_OK;
-    if (rc == 2 || s->cancel.load()) {
-        return fail(s, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
-    }
-    if (rc == 1) {
-        return fail(s, GLM4V_ERR_CONTEXT_FULL,
-                    fmt("%s: no KV cache slot available (n_ctx %u is full)", what, llama_n_ctx(s->ctx)));
-    }
-    return fail(s, GLM4V_ERR_DECODE, fmt("%s failed (llama_process returned %d)", what, rc));
+void record_cells(glm4v_ctx * c, int32_t n, int32_t next, int32_t image_id) {
+    c->cell_next.insert(c->cell_next.end(), (size_t) n, next);
+    c->cell_image.insert(c->cell_image.end(), (size_t) n, image_id);
+    c->next_pos = next;
 }
 
-void record_cells(glm4v_session * s, int32_t n, int32_t next, int32_t image_id) {
-    s->cell_next.insert(s->cell_next.end(), (size_t) n, next);
-    s->cell_image.insert(s->cell_image.end(), (size_t) n, image_id);
-    s->next_pos = next;
+void drop_unrecorded(glm4v_ctx * c) {
+    // Every cell past the recorded ones has a temporal position >= next_pos.
+    llama_memory_seq_rm(llama_get_memory(c->m->lctx), c->seq, c->next_pos, -1);
 }
 
 }  // namespace glm4v_detail
 
 namespace {
 
-// Every part of a prompt as one sequence of batch entries, in batches of up to n_batch that cross
+// Every part of a prompt as one sequence of batch entries, in batches of up to `chunk` that cross
 // part boundaries: image rows as embeddings; text as token ids, or, in a prompt with an image, as
 // embedding rows read from the model file (glm4v_token_rows), since a batch holds one kind of entry.
 // Without a readable table (a split model), each part gets its own batches. Positions follow
-// transformers Glm4vModel.get_rope_index; the logits are the last entry's.
-glm4v_status eval_parts(glm4v_session * s, const glm4v_part * parts, int32_t n_parts, int32_t * pos_out) {
+// transformers Glm4vModel.get_rope_index; the logits are the last entry's. Each batch is one
+// request to the scheduler (glm4v_sched.cpp), which may run it together with other contexts' work.
+glm4v_status eval_parts(glm4v_ctx * c, const glm4v_part * parts, int32_t n_parts, int32_t * pos_out) {
+    glm4v_model * m = c->m;
     bool has_image = false;
     for (int32_t i = 0; i < n_parts; ++i) has_image = has_image || parts[i].embd != nullptr;
-    const bool text_as_embd = has_image && s->token_rows.ok();
+    const bool text_as_embd = has_image && m->token_rows.ok();
     const bool batch_per_part = has_image && !text_as_embd;
-    const int32_t n_embd = llama_model_n_embd_inp(s->model);
-    std::vector<float> row(text_as_embd ? (size_t) n_embd : 0);
+    const int32_t n_embd = m->n_embd;
+    // Leave room in the engine batch for one token of every other context.
+    const int32_t chunk = std::max(1, m->n_batch - (m->n_parallel - 1));
     struct cell { int32_t next, image_id; };
     std::vector<cell> pending;  // cells of the batch being filled
-    pending.reserve((size_t) s->n_batch);
+    pending.reserve((size_t) chunk);
+    glm4v_request req;
+    req.entries.reserve((size_t) chunk);
     const char * what = "prompt evaluation";
     auto flush = [&]() {
-        glm4v_status st = run_batch(s, what);
+        glm4v_status st = run_step(c, req, what);
         if (st != GLM4V_OK) return st;
-        s->timings.n_eval_batches += 1;
-        for (const cell & c : pending) record_cells(s, 1, c.next, c.image_id);
+        c->timings.n_eval_batches += 1;
+        for (const cell & x : pending) record_cells(c, 1, x.next, x.image_id);
         pending.clear();
-        llama_batch_ext_clear(s->batch);
+        req.entries.clear();
         return GLM4V_OK;
     };
-    // One entry: an embedding row (data) or a token id; p holds (t, h, w, 0) for M-RoPE.
-    auto add = [&](const float * data, int32_t token, const llama_pos (&p)[4], cell c, bool last) {
-        const int32_t idx = data ? llama_batch_ext_add_embd(s->batch, 0, llama_embd{data, 1, (size_t) n_embd})
-                                 : llama_batch_ext_add_token(s->batch, 0, token);
-        if (idx < 0) return fail(s, GLM4V_ERR_INTERNAL, "batch full");
-        llama_batch_ext_set_pos(s->batch, idx, p);
+    // One entry; p holds (t, h, w, 0) for M-RoPE.
+    auto add = [&](const glm4v_entry & e, cell x, bool last) {
         if (pos_out) {
-            for (int k = 0; k < 3; ++k) pos_out[k] = p[k];
+            for (int k = 0; k < 3; ++k) pos_out[k] = e.pos[k];
             pos_out += 3;
         }
-        pending.push_back(c);
-        if (last) llama_batch_ext_set_output_logits(s->batch, idx, true);
-        if (last || (int32_t) pending.size() == s->n_batch) return flush();
+        req.entries.push_back(e);
+        pending.push_back(x);
+        if (last || (int32_t) pending.size() == chunk) return flush();
         return GLM4V_OK;
     };
-    int32_t pos = s->next_pos;  // position of the next text token, or the start of the next image
-    bool batch_embd = false;    // kind of the entries in the batch being filled
-    llama_batch_ext_clear(s->batch);
+    int32_t pos = c->next_pos;  // position of the next text token, or the start of the next image
     for (int32_t i = 0; i < n_parts; ++i) {
         const glm4v_part & part = parts[i];
         const bool last_part = i == n_parts - 1;
         const bool embd = part.embd || text_as_embd;
-        if (!pending.empty() && (batch_per_part || embd != batch_embd)) {
+        if (!pending.empty() && (batch_per_part || embd != req.embd)) {
             glm4v_status st = flush();
             if (st != GLM4V_OK) return st;
         }
-        batch_embd = embd;
+        req.embd = embd;
         glm4v_status st = GLM4V_OK;
         if (part.embd) {
             what = "image evaluation";
             const int32_t n = part.rows * part.cols;
-            const int32_t image_id = ++s->n_images_seen;
+            const int32_t image_id = ++c->n_images_seen;
             // Merged-grid token (r, c) sits at (t, h, w) = (pos, pos + r, pos + c) and the image moves the
             // next position by max(rows, cols).
-            const int32_t next = s->use_mrope ? pos + std::max(part.rows, part.cols) : pos + n;
+            const int32_t next = m->use_mrope ? pos + std::max(part.rows, part.cols) : pos + n;
             for (int32_t j = 0; j < n && st == GLM4V_OK; ++j) {
-                llama_pos p[4] = {pos, pos + j / part.cols, pos + j % part.cols, 0};
-                if (!s->use_mrope) p[0] = p[1] = p[2] = p[3] = pos + j;
-                st = add(part.embd + (size_t) j * n_embd, 0, p, {next, image_id}, last_part && j == n - 1);
+                glm4v_entry e;
+                e.embd = part.embd + (size_t) j * n_embd;
+                e.pos[0] = pos;
+                e.pos[1] = pos + j / part.cols;
+                e.pos[2] = pos + j % part.cols;
+                if (!m->use_mrope) e.pos[0] = e.pos[1] = e.pos[2] = e.pos[3] = pos + j;
+                st = add(e, {next, image_id}, last_part && j == n - 1);
             }
             pos = next;
         } else {
             what = "prompt evaluation";
             for (int32_t j = 0; j < part.n_tokens && st == GLM4V_OK; ++j, ++pos) {
-                const int32_t t = part.tokens[j];
-                if (text_as_embd && !s->token_rows.read(t, row.data())) {
-                    return fail(s, GLM4V_ERR_INTERNAL, fmt("could not read the embedding of token %d from the model file", t));
-                }
+                glm4v_entry e;
+                e.token = part.tokens[j];
+                e.as_row = text_as_embd;
                 // Text advances one position per token: (p, p, p, 0), as the engine expands a token's position.
-                const llama_pos p[4] = {pos, pos, pos, s->use_mrope ? 0 : pos};
-                st = add(text_as_embd ? row.data() : nullptr, t, p, {pos + 1, 0}, last_part && j == part.n_tokens - 1);
+                e.pos[0] = e.pos[1] = e.pos[2] = pos;
+                e.pos[3] = m->use_mrope ? 0 : pos;
+                st = add(e, {pos + 1, 0}, last_part && j == part.n_tokens - 1);
             }
         }
         if (st != GLM4V_OK) return st;
@@ -173,39 +168,38 @@ glm4v_status eval_parts(glm4v_session * s, const glm4v_part * parts, int32_t n_p
 
 namespace glm4v_detail {
 
-void reset_generation(glm4v_session * s) {
-    if (s->smpl) {
-        llama_sampler_free(s->smpl);
-        s->smpl = nullptr;
+void reset_generation(glm4v_ctx * c) {
+    if (c->smpl) {
+        llama_sampler_free(c->smpl);
+        c->smpl = nullptr;
     }
-    s->gen_active = false;
-    s->pending_token = -1;
-    s->pending_text.clear();
-    s->finish = GLM4V_FINISH_NONE;
-    s->n_generated = 0;
+    set_gen_active(c, false);
+    c->pending_token = -1;
+    c->pending_text.clear();
+    c->finish = GLM4V_FINISH_NONE;
+    c->n_generated = 0;
 }
 
-// Keep exactly the first n cells of the KV cache.
-glm4v_status truncate_cells(glm4v_session * s, int32_t n) {
-    const int32_t have = (int32_t) s->cell_next.size();
+// Keep exactly the first n cells of c's sequence.
+glm4v_status truncate_cells(glm4v_ctx * c, int32_t n) {
+    const int32_t have = (int32_t) c->cell_next.size();
     if (n < 0 || n > have) {
-        return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("cannot keep %d cells: the cache holds %d", n, have));
+        return fail(c, GLM4V_ERR_INVALID_ARGUMENT, fmt("cannot keep %d cells: the cache holds %d", n, have));
     }
     if (n == have) return GLM4V_OK;
     // Cells of one image share their temporal position, so a cut inside one is refused.
-    if (n > 0 && s->cell_image[(size_t) n] != 0 && s->cell_image[(size_t) n] == s->cell_image[(size_t) n - 1]) {
-        return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("cannot keep %d cells: that cuts through an image", n));
+    if (n > 0 && c->cell_image[(size_t) n] != 0 && c->cell_image[(size_t) n] == c->cell_image[(size_t) n - 1]) {
+        return fail(c, GLM4V_ERR_INVALID_ARGUMENT, fmt("cannot keep %d cells: that cuts through an image", n));
     }
     // Every later cell has a temporal position >= the position that followed cell n-1.
-    const int32_t p0 = n == 0 ? 0 : s->cell_next[(size_t) n - 1];
-    llama_memory_t mem = llama_get_memory(s->ctx);
-    if (!llama_memory_seq_rm(mem, 0, p0, -1)) {
-        return fail(s, GLM4V_ERR_INTERNAL, fmt("could not remove KV cells from position %d", p0));
+    const int32_t p0 = n == 0 ? 0 : c->cell_next[(size_t) n - 1];
+    if (!llama_memory_seq_rm(llama_get_memory(c->m->lctx), c->seq, p0, -1)) {
+        return fail(c, GLM4V_ERR_INTERNAL, fmt("could not remove KV cells from position %d", p0));
     }
-    s->cell_next.resize((size_t) n);
-    s->cell_image.resize((size_t) n);
-    s->next_pos = p0;
-    s->have_logits = false;
+    c->cell_next.resize((size_t) n);
+    c->cell_image.resize((size_t) n);
+    c->next_pos = p0;
+    c->have_logits = false;
     return GLM4V_OK;
 }
 
@@ -217,16 +211,18 @@ extern "C" {
 // images
 // ---------------------------------------------------------------------------------------
 
-glm4v_status glm4v_encode_image(glm4v_session * s, const uint8_t * rgb, int32_t width, int32_t height,
+glm4v_status glm4v_encode_image(glm4v_model * m, const uint8_t * rgb, int32_t width, int32_t height,
                                 glm4v_image ** out) {
-    if (!s || !out) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
+    if (!m || !out) return GLM4V_ERR_INVALID_ARGUMENT;
+    begin_api_call(nullptr);
+    glm4v_ctx * const s = nullptr;  // errors of model calls are the thread's
     *out = nullptr;
-    if (!s->mctx) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no projector (mmproj) is loaded: images are unavailable");
+    if (!m->mctx) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no projector (mmproj) is loaded: images are unavailable");
     if (!rgb || width <= 0 || height <= 0) {
         return fail(s, GLM4V_ERR_IMAGE, fmt("invalid image size %dx%d", width, height));
     }
-    s->cancel.store(false);
+    // The projector's context holds one image's state at a time.
+    std::lock_guard<std::mutex> encode_lock(m->encode_mu);
     mtmd_bitmap * bmp = nullptr;
     mtmd_input_chunks * chunks = nullptr;
     glm4v_image * img = nullptr;
@@ -241,7 +237,7 @@ glm4v_status glm4v_encode_image(glm4v_session * s, const uint8_t * rgb, int32_t 
         const char * marker = mtmd_default_marker();
         mtmd_input_text txt = {marker, strlen(marker), false, true};
         const mtmd_bitmap * bmps[1] = {bmp};
-        int32_t rc = mtmd_tokenize(s->mctx, chunks, &txt, bmps, 1);
+        int32_t rc = mtmd_tokenize(m->mctx, chunks, &txt, bmps, 1);
         if (rc != 0) {
             cleanup();
             return fail(s, GLM4V_ERR_IMAGE, fmt("the engine could not preprocess a %dx%d image (code %d)", width, height, rc));
@@ -259,17 +255,16 @@ glm4v_status glm4v_encode_image(glm4v_session * s, const uint8_t * rgb, int32_t 
         const int32_t n_tokens = (int32_t) mtmd_image_tokens_get_n_tokens(it);
         const mtmd_decoder_pos last = mtmd_image_tokens_get_decoder_pos(it, 0, (size_t) n_tokens - 1);
         const double t1 = now_ms();
-        rc = mtmd_encode_chunk(s->mctx, chunk);
+        rc = mtmd_encode_chunk(m->mctx, chunk);
         const double t2 = now_ms();
         if (rc != 0) {
             cleanup();
-            if (s->cancel.load()) return fail(s, GLM4V_ERR_CANCELLED, "image encoding cancelled");
             return fail(s, GLM4V_ERR_IMAGE, fmt("image encoding failed (code %d)", rc));
         }
-        const float * embd = mtmd_get_output_embd(s->mctx);
+        const float * embd = mtmd_get_output_embd(m->mctx);
         img = new glm4v_image();
         img->n_tokens = n_tokens;
-        img->n_embd = llama_model_n_embd_inp(s->model);
+        img->n_embd = m->n_embd;
         img->cols = (int32_t) last.x + 1;
         img->rows = (int32_t) last.y + 1;
         if (img->rows * img->cols != n_tokens) {
@@ -279,8 +274,8 @@ glm4v_status glm4v_encode_image(glm4v_session * s, const uint8_t * rgb, int32_t 
         }
         img->data.assign(embd, embd + (size_t) n_tokens * (size_t) img->n_embd);
         cleanup();
-        s->timings.t_preprocess_ms = t1 - t0;
-        s->timings.t_encode_ms = t2 - t1;
+        img->t_preprocess_ms = t1 - t0;
+        img->t_encode_ms = t2 - t1;
         *out = img;
         return GLM4V_OK;
     }
@@ -297,99 +292,103 @@ int32_t glm4v_image_n_embd(const glm4v_image * img) { return img ? img->n_embd :
 int32_t glm4v_image_rows(const glm4v_image * img) { return img ? img->rows : 0; }
 int32_t glm4v_image_cols(const glm4v_image * img) { return img ? img->cols : 0; }
 const float * glm4v_image_data(const glm4v_image * img) { return img ? img->data.data() : nullptr; }
+double glm4v_image_preprocess_ms(const glm4v_image * img) { return img ? img->t_preprocess_ms : 0.0; }
+double glm4v_image_encode_ms(const glm4v_image * img) { return img ? img->t_encode_ms : 0.0; }
 
 // ---------------------------------------------------------------------------------------
 // KV cache and prompt evaluation
 // ---------------------------------------------------------------------------------------
 
-int32_t glm4v_n_cells(const glm4v_session * s) { return s ? (int32_t) s->cell_next.size() : 0; }
-int32_t glm4v_next_pos(const glm4v_session * s) { return s ? s->next_pos : 0; }
+int32_t glm4v_n_cells(const glm4v_ctx * c) { return c ? (int32_t) c->cell_next.size() : 0; }
+int32_t glm4v_next_pos(const glm4v_ctx * c) { return c ? c->next_pos : 0; }
 
-glm4v_status glm4v_kv_truncate(glm4v_session * s, int32_t n_cells) {
-    if (!s) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
+glm4v_status glm4v_kv_truncate(glm4v_ctx * c, int32_t n_cells) {
+    if (!c) return GLM4V_ERR_INVALID_ARGUMENT;
+    begin_api_call(c);
     try {
-        reset_generation(s);
-        return truncate_cells(s, n_cells);
+        glm4v_call_scope scope(c);
+        reset_generation(c);
+        return truncate_cells(c, n_cells);
     }
-    GLM4V_GUARD(s)
+    GLM4V_GUARD(c)
 }
 
-glm4v_status glm4v_eval(glm4v_session * s, const glm4v_part * parts, int32_t n_parts, int32_t * positions_out,
+glm4v_status glm4v_eval(glm4v_ctx * c, const glm4v_part * parts, int32_t n_parts, int32_t * positions_out,
                         int32_t positions_cap) {
-    if (!s || (!parts && n_parts > 0) || n_parts < 0) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
+    if (!c || (!parts && n_parts > 0) || n_parts < 0) return GLM4V_ERR_INVALID_ARGUMENT;
+    begin_api_call(c);
     try {
-        reset_generation(s);
-        s->cancel.store(false);
+        glm4v_call_scope scope(c);
+        glm4v_model * m = c->m;
+        reset_generation(c);
         int64_t total = 0;
         for (int32_t i = 0; i < n_parts; ++i) {
             const glm4v_part & p = parts[i];
             if (p.embd && p.tokens) {
-                return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d has both tokens and an image", i));
+                return fail(c, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d has both tokens and an image", i));
             }
             if (p.embd) {
-                const int32_t n_embd = llama_model_n_embd_inp(s->model);
                 if (p.rows <= 0 || p.cols <= 0 || p.rows > 65536 || p.cols > 65536) {
-                    return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d: invalid image grid %dx%d", i, p.rows, p.cols));
+                    return fail(c, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d: invalid image grid %dx%d", i, p.rows, p.cols));
                 }
-                if (p.n_embd != n_embd) {
-                    return fail(s, GLM4V_ERR_INVALID_ARGUMENT,
-                                fmt("part %d: image embedding width %d does not match the model's %d", i, p.n_embd, n_embd));
+                if (p.n_embd != m->n_embd) {
+                    return fail(c, GLM4V_ERR_INVALID_ARGUMENT,
+                                fmt("part %d: image embedding width %d does not match the model's %d", i, p.n_embd, m->n_embd));
                 }
                 total += (int64_t) p.rows * p.cols;
             } else {
                 if (p.n_tokens < 0 || (p.n_tokens > 0 && !p.tokens)) {
-                    return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d has an invalid token array", i));
+                    return fail(c, GLM4V_ERR_INVALID_ARGUMENT, fmt("part %d has an invalid token array", i));
                 }
-                glm4v_status st = check_token_ids(s, p.tokens, p.n_tokens);
+                glm4v_status st = check_token_ids(m, c, p.tokens, p.n_tokens);
                 if (st != GLM4V_OK) return st;
                 total += p.n_tokens;
             }
         }
-        if (total == 0) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "the prompt is empty");
+        if (total == 0) return fail(c, GLM4V_ERR_INVALID_ARGUMENT, "the prompt is empty");
         if (!parts[n_parts - 1].embd && parts[n_parts - 1].n_tokens == 0) {
             // The logits returned are the last part's.
-            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "the last prompt part is empty");
+            return fail(c, GLM4V_ERR_INVALID_ARGUMENT, "the last prompt part is empty");
         }
-        const int64_t n_ctx = (int64_t) llama_n_ctx(s->ctx);
-        const int64_t have = (int64_t) s->cell_next.size();
+        const int64_t n_ctx = (int64_t) m->n_ctx_seq;
+        const int64_t have = (int64_t) c->cell_next.size();
         if (have + total > n_ctx) {
-            return fail(s, GLM4V_ERR_CONTEXT_FULL,
+            return fail(c, GLM4V_ERR_CONTEXT_FULL,
                         fmt("the prompt needs %lld KV cells but only %lld of n_ctx=%lld are free",
                             (long long) total, (long long) (n_ctx - have), (long long) n_ctx));
         }
         if (positions_out && positions_cap < total) {
-            return fail(s, GLM4V_ERR_BUFFER_TOO_SMALL, "positions buffer too small");
+            return fail(c, GLM4V_ERR_BUFFER_TOO_SMALL, "positions buffer too small");
         }
+        if (c->cancel.load()) return fail(c, GLM4V_ERR_CANCELLED, "prompt evaluation cancelled");
         const double t0 = now_ms();
-        s->timings.n_eval_batches = 0;
         const int32_t start_cells = (int32_t) have;
-        glm4v_status st = eval_parts(s, parts, n_parts, positions_out);
+        glm4v_status st = eval_parts(c, parts, n_parts, positions_out);
         if (st != GLM4V_OK) {
             // Leave the cache as it was before the call: the failed call changes nothing.
-            std::string msg = s->last_error;
-            truncate_cells(s, start_cells);
-            s->last_error = msg;
+            std::string msg = c->last_error;
+            drop_unrecorded(c);
+            truncate_cells(c, start_cells);
+            c->last_error = msg;
             return st;
         }
-        s->have_logits = true;
-        s->timings.t_eval_ms = now_ms() - t0;
-        s->timings.n_eval = (int32_t) total;
+        c->have_logits = true;
+        c->timings.t_eval_ms += now_ms() - t0;
+        c->timings.n_eval += (int32_t) total;
         return GLM4V_OK;
     }
-    GLM4V_GUARD(s)
+    GLM4V_GUARD(c)
 }
 
-glm4v_status glm4v_get_logits(glm4v_session * s, float * out, int32_t cap) {
-    if (!s || !out) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
-    const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
-    if (cap < n_vocab) return fail(s, GLM4V_ERR_BUFFER_TOO_SMALL, "logits buffer too small");
-    if (!s->have_logits) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no logits: evaluate a prompt first");
-    const float * l = llama_get_logits_ith(s->ctx, -1);
-    if (!l) return fail(s, GLM4V_ERR_INTERNAL, "the engine returned no logits");
-    memcpy(out, l, sizeof(float) * (size_t) n_vocab);
+glm4v_status glm4v_get_logits(glm4v_ctx * c, float * out, int32_t cap) {
+    if (!c || !out) return GLM4V_ERR_INVALID_ARGUMENT;
+    begin_api_call(c);
+    const int32_t n_vocab = c->m->n_vocab;
+    if (cap < n_vocab) return fail(c, GLM4V_ERR_BUFFER_TOO_SMALL, "logits buffer too small");
+    if (!c->have_logits || (int32_t) c->logits.size() != n_vocab) {
+        return fail(c, GLM4V_ERR_INVALID_ARGUMENT, "no logits: evaluate a prompt first");
+    }
+    memcpy(out, c->logits.data(), sizeof(float) * (size_t) n_vocab);
     return GLM4V_OK;
 }
 

@@ -1,4 +1,6 @@
-// glm4v-mtmd C API: the sample -> decode loop, run in C so Python only asks for text.
+// glm4v-mtmd C API: the sample -> decode loop, run in C so Python only asks for text. Each
+// decode is a request to the scheduler (glm4v_sched.cpp), so contexts generating at once
+// share engine steps; sampling reads the context's own copy of its logits.
 
 #include "glm4v_internal.h"
 
@@ -13,20 +15,21 @@ extern "C" {
 // generation
 // ---------------------------------------------------------------------------------------
 
-glm4v_status glm4v_gen_begin(glm4v_session * s, const glm4v_sampling * sp, const int32_t * stop_tokens,
+glm4v_status glm4v_gen_begin(glm4v_ctx * s, const glm4v_sampling * sp, const int32_t * stop_tokens,
                              int32_t n_stop, int32_t max_tokens) {
     if (!s || !sp || n_stop < 0 || (n_stop > 0 && !stop_tokens)) return GLM4V_ERR_INVALID_ARGUMENT;
-    begin_call(s);
+    begin_api_call(s);
     try {
+        glm4v_call_scope scope(s);
         if (!s->have_logits) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "evaluate a prompt before generating");
         if (max_tokens < 0) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "max_tokens must be >= 0");
         reset_generation(s);
-        const int32_t n_vocab = llama_vocab_n_tokens(s->vocab);
+        const int32_t n_vocab = s->m->n_vocab;
         llama_sampler_chain_params cparams = llama_sampler_chain_default_params();
         cparams.no_perf = true;
         llama_sampler * chain = llama_sampler_chain_init(cparams);
         if (sp->repeat_penalty != 1.0f || sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f) {
-            const int32_t last_n = sp->repeat_last_n < 0 ? (int32_t) llama_n_ctx(s->ctx) : sp->repeat_last_n;
+            const int32_t last_n = sp->repeat_last_n < 0 ? s->m->n_ctx_seq : sp->repeat_last_n;
             llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, last_n, sp->repeat_penalty,
                                                                         sp->frequency_penalty, sp->presence_penalty));
         }
@@ -43,33 +46,33 @@ glm4v_status glm4v_gen_begin(glm4v_session * s, const glm4v_sampling * sp, const
         s->smpl = chain;
         s->stop_tokens.assign(stop_tokens, stop_tokens + n_stop);
         s->max_tokens = max_tokens;
-        s->gen_active = true;
-        s->cancel.store(false);
-        s->timings.t_sample_ms = 0;
-        s->timings.t_decode_ms = 0;
-        s->timings.n_decode = 0;
+        set_gen_active(s, true);
         if (max_tokens == 0) s->finish = GLM4V_FINISH_LENGTH;
         return GLM4V_OK;
     }
     GLM4V_GUARD(s)
 }
 
-glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_out, int32_t text_cap,
+glm4v_status glm4v_gen_step(glm4v_ctx * s, int32_t max_steps, char * text_out, int32_t text_cap,
                             int32_t * text_len, int32_t * tokens_out, int32_t tokens_cap, int32_t * n_tokens,
                             int32_t * finish, int32_t * stop_token) {
     if (!s || !text_out || !text_len || !n_tokens || !finish || !stop_token || text_cap < 8 ||
         (tokens_cap > 0 && !tokens_out) || max_steps <= 0) {
         return GLM4V_ERR_INVALID_ARGUMENT;
     }
-    begin_call(s);
+    begin_api_call(s);
     *text_len = 0;
     *n_tokens = 0;
     *finish = GLM4V_FINISH_NONE;
     *stop_token = -1;
     if (!s->gen_active) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no generation in progress: call gen_begin first");
     try {
+        glm4v_call_scope scope(s);
+        glm4v_model * m = s->m;
         char piece[256];
-        const int32_t n_ctx = (int32_t) llama_n_ctx(s->ctx);
+        const int32_t n_ctx = m->n_ctx_seq;
+        glm4v_request req;
+        req.entries.resize(1);
         int32_t steps = 0;
         while (s->finish == GLM4V_FINISH_NONE && steps < max_steps && *n_tokens < tokens_cap &&
                (int32_t) s->pending_text.size() < text_cap / 2) {
@@ -85,19 +88,19 @@ glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_ou
                     break;
                 }
                 const double t0 = now_ms();
-                llama_batch_ext_clear(s->batch);
-                const int32_t idx = llama_batch_ext_add_token(s->batch, 0, s->pending_token);
-                const llama_pos p = s->next_pos;
-                llama_batch_ext_set_pos(s->batch, idx, &p);
-                llama_batch_ext_set_output_logits(s->batch, idx, true);
-                glm4v_status st = run_batch(s, "decoding");
+                glm4v_entry & e = req.entries[0];
+                e.token = s->pending_token;
+                e.pos[0] = e.pos[1] = e.pos[2] = s->next_pos;
+                e.pos[3] = m->use_mrope ? 0 : s->next_pos;
+                glm4v_status st = run_step(s, req, "decoding");
+                if (st != GLM4V_OK) drop_unrecorded(s);
                 if (st == GLM4V_ERR_CANCELLED) {
                     s->finish = GLM4V_FINISH_CANCELLED;
                     s->last_error.clear();
                     break;
                 }
                 if (st != GLM4V_OK) {
-                    s->gen_active = false;
+                    set_gen_active(s, false);
                     return st;
                 }
                 record_cells(s, 1, s->next_pos + 1, 0);
@@ -106,7 +109,20 @@ glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_ou
                 s->timings.n_decode += 1;
             }
             const double t1 = now_ms();
-            const llama_token tok = llama_sampler_sample(s->smpl, s->ctx, -1);
+            // llama_sampler_sample's CPU path, on this context's copy of its logits.
+            const int32_t n_vocab = m->n_vocab;
+            s->candidates.resize((size_t) n_vocab);
+            for (llama_token id = 0; id < n_vocab; ++id) {
+                s->candidates[(size_t) id] = llama_token_data{id, s->logits[(size_t) id], 0.0f};
+            }
+            llama_token_data_array cur = {s->candidates.data(), s->candidates.size(), -1, false};
+            llama_sampler_apply(s->smpl, &cur);
+            if (cur.selected < 0 || cur.selected >= (int64_t) cur.size) {
+                set_gen_active(s, false);
+                return fail(s, GLM4V_ERR_INTERNAL, "the sampler selected no token");
+            }
+            const llama_token tok = cur.data[cur.selected].id;
+            llama_sampler_accept(s->smpl, tok);
             s->timings.t_sample_ms += now_ms() - t1;
             ++steps;
             if (std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end()) {
@@ -115,7 +131,7 @@ glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_ou
                 break;
             }
             // Render special pieces: grounding markers (<|begin_of_box|>) are special tokens.
-            int32_t n = llama_token_to_piece(s->vocab, tok, piece, sizeof(piece), 0, true);
+            int32_t n = llama_token_to_piece(m->vocab, tok, piece, sizeof(piece), 0, true);
             if (n > 0) s->pending_text.append(piece, (size_t) n);
             tokens_out[(*n_tokens)++] = tok;
             s->pending_token = tok;
@@ -135,7 +151,7 @@ glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_ou
         *text_len = (int32_t) n_out;
         if (s->finish != GLM4V_FINISH_NONE && s->pending_text.empty()) {
             *finish = s->finish;
-            s->gen_active = false;
+            set_gen_active(s, false);
             if (s->smpl) {
                 llama_sampler_free(s->smpl);
                 s->smpl = nullptr;
@@ -144,6 +160,15 @@ glm4v_status glm4v_gen_step(glm4v_session * s, int32_t max_steps, char * text_ou
         return GLM4V_OK;
     }
     GLM4V_GUARD(s)
+}
+
+void glm4v_gen_end(glm4v_ctx * s) {
+    if (!s) return;
+    try {
+        glm4v_call_scope scope(s);
+        if (s->gen_active) reset_generation(s);
+    } catch (...) {
+    }
 }
 
 }  // extern "C"

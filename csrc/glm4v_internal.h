@@ -7,7 +7,10 @@
 #include "mtmd.h"
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
+#include <deque>
+#include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -22,6 +25,8 @@ struct glm4v_image {
     int32_t n_embd = 0;
     int32_t rows = 0;
     int32_t cols = 0;
+    double t_preprocess_ms = 0.0;
+    double t_encode_ms = 0.0;
     std::vector<float> data;
 };
 
@@ -30,7 +35,8 @@ struct glm4v_image {
 // projector) so the engine's batches span part boundaries: one image between two short
 // texts is otherwise four ubatches, two of them small and slow. Unavailable (ok() false)
 // when the table is not in the main file (split models) or its type has no row converter;
-// evaluation then goes part by part (eval_parts in glm4v_eval.cpp).
+// evaluation then goes part by part (eval_parts in glm4v_eval.cpp). Read only by the thread
+// that runs an engine step (the scheduler's leader), so it needs no lock of its own.
 struct glm4v_token_rows {
     std::FILE * file = nullptr;
     int32_t type = -1;        // ggml_type of the stored rows
@@ -50,15 +56,79 @@ struct glm4v_token_rows {
     }
 };
 
-struct glm4v_session {
+// One entry of an engine batch: an embedding row (embd), a token id, or a token id whose
+// embedding row the step's leader reads from the model file (as_row); pos is (t, h, w, 0).
+struct glm4v_entry {
+    const float * embd = nullptr;
+    int32_t token = -1;
+    bool as_row = false;
+    llama_pos pos[4] = {0, 0, 0, 0};
+};
+
+// What one context hands the scheduler: entries of its sequence for the next engine step.
+// The logits of the last entry are copied into the context's own buffer.
+struct glm4v_request {
+    glm4v_ctx * ctx = nullptr;
+    std::vector<glm4v_entry> entries;
+    bool embd = false;        // kind of every entry: embedding rows (embd or as_row) or token ids
+    bool taken = false;       // a leader has put it into a step
+    bool done = false;
+    int32_t rc = 0;           // llama_process's return value for the step
+    std::string error;        // the engine's ERROR log lines of the step
+};
+
+// Shared engine steps (continuous batching, as llama-server's slots share llama_decode):
+// every context queues its request; whichever thread finds the engine idle leads the next
+// step, which takes the oldest request and every other queued one of the same kind that
+// fits in n_batch, so the weights are read once for all of them. Before a step, the leader
+// waits briefly for contexts that are in a call but have not queued yet (they are sampling
+// their next token), so generating contexts advance together instead of taking turns.
+struct glm4v_scheduler {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<glm4v_request *> queue;
+    bool busy = false;        // a step is being built or run
+    int32_t n_working = 0;    // contexts inside a call that have no request queued
+    int32_t n_generating = 0; // contexts with an open generation that are outside any call
+    double step_ms = 1.0;     // running average of an engine step, for the waits above
+    int64_t n_steps = 0;      // engine steps run, and the requests they served
+    int64_t n_served = 0;
+    std::vector<glm4v_request *> step;  // the requests of the running step (abort callback)
+};
+
+struct glm4v_model {
     llama_model * model = nullptr;
-    llama_context * ctx = nullptr;
+    llama_context * lctx = nullptr;
     mtmd_context * mctx = nullptr;
     const llama_vocab * vocab = nullptr;
-    llama_batch_ext * batch = nullptr;
+    llama_batch_ext * batch = nullptr;  // used by the step's leader only
     int32_t n_batch = 512;
+    int32_t n_ctx_seq = 0;
+    int32_t n_parallel = 1;
+    int32_t n_vocab = 0;
+    int32_t n_embd = 0;
     glm4v_token_rows token_rows;
+    std::vector<float> row_buf;         // the leader's scratch for as_row entries
     bool use_mrope = false;
+    double t_load_ms = 0.0;
+
+    std::mutex encode_mu;               // the projector is not thread-safe
+    std::mutex seq_mu;
+    std::vector<bool> seq_used;
+    glm4v_scheduler sched;
+    std::atomic<glm4v_ctx *> leader{nullptr};  // context whose thread runs the current step
+
+    ~glm4v_model() {
+        if (batch) llama_batch_ext_free(batch);
+        if (mctx) mtmd_free(mctx);
+        if (lctx) llama_free(lctx);
+        if (model) llama_model_free(model);
+    }
+};
+
+struct glm4v_ctx {
+    glm4v_model * m = nullptr;
+    int32_t seq = 0;
 
     std::string last_error;
     std::atomic<bool> cancel{false};
@@ -77,61 +147,81 @@ struct glm4v_session {
     int32_t n_images_seen = 0;
     int32_t next_pos = 0;
     bool have_logits = false;
+    std::vector<float> logits;        // of the last evaluated cell, copied out of the shared step
 
     // generation state
     llama_sampler * smpl = nullptr;
+    std::vector<llama_token_data> candidates;
     std::vector<int32_t> stop_tokens;
     int32_t max_tokens = 0;
     int32_t n_generated = 0;
     int32_t pending_token = -1;  // sampled and emitted, not yet decoded
     std::string pending_text;    // bytes not yet returned (incomplete UTF-8 or no room)
     int32_t finish = GLM4V_FINISH_NONE;
-    bool gen_active = false;
+    bool gen_active = false;     // counted in sched.n_generating while outside a call
 
     glm4v_timings timings{};
 
-    ~glm4v_session() {
+    ~glm4v_ctx() {
         if (smpl) llama_sampler_free(smpl);
-        if (batch) llama_batch_ext_free(batch);
-        if (mctx) mtmd_free(mctx);
-        if (ctx) llama_free(ctx);
-        if (model) llama_model_free(model);
     }
 };
 
 namespace glm4v_detail {
 
 // Record msg (with the engine's ERROR log lines of the current call appended) as the last
-// error of s, or of this thread when s is NULL; returns st.
-glm4v_status fail(glm4v_session * s, glm4v_status st, const std::string & msg);
+// error of c, or of this thread when c is NULL; returns st.
+glm4v_status fail(glm4v_ctx * c, glm4v_status st, const std::string & msg);
 // Start of every API call: forget engine errors of earlier calls.
-void begin_call(glm4v_session * s);
+void begin_api_call(glm4v_ctx * c);
+// The engine's ERROR log lines seen by this thread since begin_api_call.
+std::string engine_errors();
 // Initialise the backend and route engine logs through our callback (once per process).
 void install_log_once();
 std::string fmt(const char * f, ...);
 double now_ms();
-// GLM4V_ERR_INVALID_ARGUMENT (recorded on s) if a token id is outside the vocabulary.
-glm4v_status check_token_ids(glm4v_session * s, const int32_t * tokens, int32_t n);
+// GLM4V_ERR_INVALID_ARGUMENT (recorded on c, or the thread) if a token id is outside the vocabulary.
+glm4v_status check_token_ids(const glm4v_model * m, glm4v_ctx * c, const int32_t * tokens, int32_t n);
 // Length of the longest prefix of s that does not end inside a UTF-8 sequence.
 size_t utf8_complete_prefix(const std::string & s);
 
+// glm4v_sched.cpp: a call on c runs between enter_call and leave_call (the scheduler counts
+// it as working); run_step queues req, takes part in steps until it is done, and turns its
+// outcome into a status (recorded on c) with `what` naming the work.
+void enter_call(glm4v_ctx * c);
+void leave_call(glm4v_ctx * c);
+glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what);
+// Open or close c's generation in the scheduler's count of generating contexts.
+void set_gen_active(glm4v_ctx * c, bool active);
+void model_steps(glm4v_model * m, int64_t * steps, int64_t * requests);
+// The engine's abort callback: stop a step only when every context in it is cancelled.
+bool step_abort(void * model);
+
 // glm4v_eval.cpp
-glm4v_status run_batch(glm4v_session * s, const char * what);
-void record_cells(glm4v_session * s, int32_t n, int32_t next, int32_t image_id);
-void reset_generation(glm4v_session * s);
-glm4v_status truncate_cells(glm4v_session * s, int32_t n);
+void record_cells(glm4v_ctx * c, int32_t n, int32_t next, int32_t image_id);
+void reset_generation(glm4v_ctx * c);
+glm4v_status truncate_cells(glm4v_ctx * c, int32_t n);
+// Remove from the engine's memory every cell of c's sequence past the recorded ones (what a
+// failed or aborted step may have left).
+void drop_unrecorded(glm4v_ctx * c);
 
 }  // namespace glm4v_detail
 
+// Calls on a context: RAII for enter_call / leave_call.
+struct glm4v_call_scope {
+    glm4v_ctx * c;
+    explicit glm4v_call_scope(glm4v_ctx * ctx) : c(ctx) { glm4v_detail::enter_call(c); }
+    ~glm4v_call_scope() { glm4v_detail::leave_call(c); }
+};
+
 // Closes a try block of an exported function: exceptions never cross the C boundary.
-#define GLM4V_GUARD(s)                                                                      \
+#define GLM4V_GUARD(c)                                                                      \
     catch (const std::bad_alloc &) {                                                        \
-        return glm4v_detail::fail((s), GLM4V_ERR_INTERNAL, "out of memory");                              \
+        return glm4v_detail::fail((c), GLM4V_ERR_INTERNAL, "out of memory");                              \
     }                                                                                       \
     catch (const std::exception & e) {                                                      \
-        return glm4v_detail::fail((s), GLM4V_ERR_INTERNAL, std::string("internal error: ") + e.what());    \
+        return glm4v_detail::fail((c), GLM4V_ERR_INTERNAL, std::string("internal error: ") + e.what());    \
     }                                                                                       \
     catch (...) {                                                                           \
-        return glm4v_detail::fail((s), GLM4V_ERR_INTERNAL, "internal error");                             \
+        return glm4v_detail::fail((c), GLM4V_ERR_INTERNAL, "internal error");                             \
     }
-

@@ -34,7 +34,7 @@ const ftype_name k_ftypes[] = {
 extern "C" glm4v_status glm4v_quantize(const char * src_path, const char * dst_path, const char * ftype,
                                        int32_t n_threads) {
     glm4v_detail::install_log_once();
-    glm4v_detail::begin_call(nullptr);
+    glm4v_detail::begin_api_call(nullptr);
     if (!src_path || !dst_path || !ftype) {
         return glm4v_detail::fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "source, destination and type are required");
     }

@@ -3,6 +3,7 @@
 from ._cpu import cpu_features, preferred_float_type
 from ._native import engine_info
 from .boxes import Box, draw_boxes, parse_boxes
+from .context import Context
 from .errors import (
     ConfigError,
     ContextOverflowError,
@@ -12,9 +13,11 @@ from .errors import (
     Glm4vError,
     ImageError,
     ModelLoadError,
+    NoFreeContextError,
     SessionClosedError,
 )
 from .images import PreprocessedImage, preprocess
+from .model import Model
 from .selfcheck import sample_image
 from .session import Session
 from .types import (
@@ -24,6 +27,7 @@ from .types import (
     ImageEmbedding,
     StreamChunk,
     Timings,
+    Tokens,
 )
 
 __version__ = "0.1.0"
@@ -31,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Box",
     "ConfigError",
+    "Context",
     "ContextOverflowError",
     "ConversionError",
     "EngineError",
@@ -41,12 +46,15 @@ __all__ = [
     "Glm4vError",
     "ImageEmbedding",
     "ImageError",
+    "Model",
     "ModelLoadError",
+    "NoFreeContextError",
     "PreprocessedImage",
     "Session",
     "SessionClosedError",
     "StreamChunk",
     "Timings",
+    "Tokens",
     "cpu_features",
     "draw_boxes",
     "engine_info",

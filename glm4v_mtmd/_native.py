@@ -1,15 +1,17 @@
-"""The compiled binding: status checking, logging and engine facts.
+"""The compiled binding: status checking, Ctrl-C and logging callbacks, engine facts.
 
-Only this module touches ``_glm4v_cffi`` directly for library-level calls; the handle
-owners (:mod:`glm4v_mtmd.session`) use :func:`check` so every failure becomes a typed
-exception carrying the C API's own message.
+Only this module and the handle owners (:mod:`glm4v_mtmd._handles`) touch ``_glm4v_cffi``;
+the owners use :func:`check` so every failure becomes a typed exception carrying the C API's
+own message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Any, NoReturn
+from collections.abc import Iterator
+from typing import Any, NoReturn, Optional
 
 from .errors import (
     ContextOverflowError,
@@ -50,11 +52,12 @@ _STATUS_ERRORS: dict[int, type[Glm4vError]] = {
     lib.GLM4V_ERR_CANCELLED: GenerationError,
     lib.GLM4V_ERR_BUFFER_TOO_SMALL: EngineError,
     lib.GLM4V_ERR_INTERNAL: EngineError,
+    lib.GLM4V_ERR_BUSY: EngineError,
 }
 
 
 def last_error(handle: Any = None) -> str:
-    """The C API's message for the last failure on ``handle`` (or of this thread)."""
+    """The C API's message for the last failure on a context ``handle`` (or of this thread)."""
     ptr = lib.glm4v_last_error(handle) if handle is not None else lib.glm4v_last_global_error()
     return ffi.string(ptr).decode("utf-8", "replace") if ptr != ffi.NULL else ""
 
@@ -68,10 +71,11 @@ def raise_status(status: int, handle: Any = None, context: str = "") -> NoReturn
 
 
 def check(status: int, handle: Any = None, context: str = "") -> None:
-    """Raise a typed exception unless ``status`` is GLM4V_OK (a Ctrl-C caught by the poll first)."""
-    if _pending_interrupts:
-        exc = _pending_interrupts.pop()
-        _pending_interrupts.clear()
+    """Raise a typed exception unless ``status`` is GLM4V_OK (a Ctrl-C caught by this thread's call first)."""
+    call = current_call()
+    if call is not None and call.interrupts:
+        exc = call.interrupts.pop()
+        call.interrupts.clear()
         raise exc
     if status != lib.GLM4V_OK:
         raise_status(status, handle, context)
@@ -79,30 +83,73 @@ def check(status: int, handle: Any = None, context: str = "") -> None:
 
 # ---------------------------------------------------------------------------------------
 # Ctrl-C: while C code runs, Python's SIGINT handler cannot run. The engine calls glm4v_py_poll
-# before every generated token and every 50 ms of batch computation; entering Python runs the
-# pending handler, whose KeyboardInterrupt lands in _poll_error: the engine is told to stop and
-# `check` re-raises the exception once the C call has returned (with the KV cache consistent).
+# before every generated token and every 50 ms of batch computation or waiting; entering Python
+# runs the pending handler, whose KeyboardInterrupt lands in _poll_error: the engine is told to
+# stop and `check` re-raises the exception once the C call has returned (with the KV cache
+# consistent). What was caught belongs to the call that was running in that thread (a
+# CallState), never to the module: another thread's call, or the next call, does not see it.
 # ---------------------------------------------------------------------------------------
 
-_pending_interrupts: list[BaseException] = []
 POLL_INTERVAL_MS = 50
 
 
+class CallState:
+    """What one call (evaluate, generate, a stream, a load) has caught from Ctrl-C."""
+
+    __slots__ = ("interrupts",)
+
+    def __init__(self) -> None:
+        self.interrupts: list[BaseException] = []
+
+
+_calls = threading.local()
+
+
+def current_call() -> Optional[CallState]:
+    """The innermost call running in this thread, if any."""
+    stack = getattr(_calls, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def call_scope() -> Iterator[CallState]:
+    """Run a call with its own Ctrl-C state (nested calls in one thread share the outer one)."""
+    outer = current_call()
+    if outer is not None:
+        yield outer
+        return
+    state = CallState()
+    _calls.stack = [state]
+    try:
+        yield state
+    finally:
+        _calls.stack = []
+
+
+def _keep_interrupt(exc: BaseException) -> bool:
+    call = current_call()
+    if call is None:
+        return False
+    call.interrupts.append(exc)
+    return True
+
+
 def _poll_error(exc_type: Any, exc_value: BaseException, traceback: Any) -> int:
-    _pending_interrupts.append(exc_value)
+    _keep_interrupt(exc_value)
     return 1
 
 
 @ffi.def_extern(onerror=_poll_error)
 def glm4v_py_poll(user_data: Any) -> int:
     # Signal handlers run on entry; one that raises ends up in _poll_error. A Ctrl-C that landed in
-    # another callback (glm4v_py_log) is already pending: stop too.
-    return 1 if _pending_interrupts else 0
+    # another callback (glm4v_py_log) is already pending on this call: stop too.
+    call = current_call()
+    return 1 if call is not None and call.interrupts else 0
 
 
 def arm_interrupts(handle: Any) -> None:
-    """Poll for Ctrl-C during the next calls on ``handle`` if this is the main thread (the only one
-    Python delivers signals to); elsewhere polling would only cost a GIL round trip per token."""
+    """Poll for Ctrl-C during the next calls on context ``handle`` if this is the main thread (the only
+    one Python delivers signals to); elsewhere polling would only cost a GIL round trip per token."""
     main = threading.current_thread() is threading.main_thread()
     lib.glm4v_set_interrupt_poll(handle, lib.glm4v_py_poll if main else ffi.NULL, ffi.NULL, POLL_INTERVAL_MS)
 
@@ -138,10 +185,10 @@ def glm4v_py_log(level: int, text: Any, user_data: Any) -> None:
                     benign = py_level == logging.WARNING and line.startswith(_BENIGN_WARNINGS)
                     logger.log(logging.DEBUG if benign else py_level, "%s", line)
     except (KeyboardInterrupt, SystemExit) as exc:
-        # A signal handler (Ctrl-C) ran on entry to this callback: keep it for the next poll, which
-        # stops the engine, and for `check`, which re-raises it. Dropping it would let a long
+        # A signal handler (Ctrl-C) ran on entry to this callback: keep it for the call's next poll,
+        # which stops the engine, and for `check`, which re-raises it. Dropping it would let a long
         # generation run on to max_tokens.
-        _pending_interrupts.append(exc)
+        _keep_interrupt(exc)
     except BaseException:  # noqa: BLE001 - see comment above
         pass
 

@@ -13,8 +13,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._native import ffi
 from .types import ImageEmbedding
+
+
+@dataclass
+class CallStats:
+    """Figures of one call that the engine's per-context timings do not see: its image encodes."""
+
+    preprocess_ms: float = 0.0
+    encode_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,45 +75,29 @@ class PromptLayout:
                 n = start
         return n
 
-    def native_parts(self, skip: int) -> tuple[Any, int, list[Any]]:
-        """A ``glm4v_part`` array for the cells after the first ``skip``, its cell count, and the
-        numpy buffers that must stay alive during the native call."""
-        specs: list[tuple[str, Any]] = []
+    def new_parts(self, skip: int) -> tuple[list[tuple[str, np.ndarray, tuple[int, int]]], int]:
+        """The parts after the first ``skip`` cells, as ``("text", int32 ids, _)`` or ``("image", float32
+        rows, grid)``, and their cell count."""
+        specs: list[tuple[str, np.ndarray, tuple[int, int]]] = []
         cell = 0
         for seg in self.segments:
             if seg.tokens is not None:
                 toks = seg.tokens
                 lo = max(0, skip - cell)
                 if lo < len(toks):
-                    specs.append(("text", toks[lo:]))
+                    specs.append(("text", np.ascontiguousarray(toks[lo:], dtype=np.int32), (0, 0)))
                 cell += len(toks)
             else:
                 assert seg.image is not None
                 begin, body, end = cell, cell + 1, cell + 1 + seg.image.n_tokens
                 if skip <= begin:
-                    specs.append(("text", np.asarray([self.ids.begin], dtype=np.int32)))
+                    specs.append(("text", np.asarray([self.ids.begin], dtype=np.int32), (0, 0)))
                 if skip <= body:
-                    specs.append(("image", seg.image))
+                    specs.append(("image", np.ascontiguousarray(seg.image.array, dtype=np.float32), seg.image.grid))
                 if skip <= end:
-                    specs.append(("text", np.asarray([self.ids.end], dtype=np.int32)))
+                    specs.append(("text", np.asarray([self.ids.end], dtype=np.int32), (0, 0)))
                 cell = end + 1
-        keep: list[Any] = []
-        parts = ffi.new("glm4v_part[]", len(specs))
-        total = 0
-        for i, (kind, value) in enumerate(specs):
-            if kind == "text":
-                arr = np.ascontiguousarray(value, dtype=np.int32)
-                parts[i].tokens = ffi.from_buffer("int32_t[]", arr)
-                parts[i].n_tokens = len(arr)
-            else:
-                emb: ImageEmbedding = value
-                arr = np.ascontiguousarray(emb.array, dtype=np.float32)
-                parts[i].embd = ffi.from_buffer("float[]", arr)
-                parts[i].rows, parts[i].cols = emb.grid
-                parts[i].n_embd = arr.shape[1]
-            keep.append(arr)
-            total += len(arr)
-        return parts, total, keep
+        return specs, sum(len(arr) for _, arr, _ in specs)
 
 
 class StopStrings:

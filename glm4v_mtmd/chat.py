@@ -1,10 +1,13 @@
-"""Chat on top of :class:`~glm4v_mtmd.Session`: messages -> GLM prompt -> reasoning and answer.
+"""Chat on top of a :class:`~glm4v_mtmd.Context`: messages -> GLM prompt -> reasoning and answer.
 
 Prompts are rendered with the model's own Jinja chat template (from the GGUF, in a sandbox), with
 a built-in renderer of the two GLM-4.xV template families as the fallback; tests check that both
 give the same string. The rendered text's ``<|begin_of_image|><|image|><|end_of_image|>`` markers
-are replaced by the conversation's images, which the Session expands to one ``<|image|>`` per image
+are replaced by the conversation's images, which the context expands to one ``<|image|>`` per image
 token, exactly as transformers' processor does.
+
+This module needs only what :class:`ChatBackend` names; it never imports the context or session
+modules (they import it).
 """
 
 from __future__ import annotations
@@ -14,17 +17,34 @@ import pathlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import Any, Literal, Optional, Protocol
 
+from ._prompt import CallStats
 from .boxes import Box, parse_boxes
 from .errors import ConfigError
-from .types import FinishReason, GenerationConfig, ImageEmbedding, Timings
-
-if TYPE_CHECKING:
-    from .session import Session
+from .types import FinishReason, GenerationConfig, GenerationResult, ImageEmbedding, StreamChunk, Timings
 
 IMAGE_MARKER = "<|begin_of_image|><|image|><|end_of_image|>"
 Message = Mapping[str, Any]
+
+
+class ChatBackend(Protocol):
+    """What chat needs of a conversation (:class:`~glm4v_mtmd.Context` provides it)."""
+
+    @property
+    def n_cells(self) -> int: ...
+
+    @property
+    def last_reused(self) -> int: ...
+
+    def _chat_model(self) -> Any:
+        """The model: ``chat_family``, ``chat_template`` and ``_encode(image, stats)``."""
+
+    def _generate(self, parts: Sequence[Any], config: Optional[GenerationConfig],
+                  stats: Optional[CallStats] = None) -> GenerationResult: ...
+
+    def _chunks(self, parts: Sequence[Any], config: Optional[GenerationConfig], tokens_per_step: int,
+                stats: Optional[CallStats] = None) -> Iterator[StreamChunk]: ...
 
 
 @dataclass(frozen=True)
@@ -263,11 +283,15 @@ class ChatResult:
 
 @dataclass(frozen=True)
 class ChatChunk:
-    """A piece of a streamed reply; ``kind`` says whether it is reasoning or answer text."""
+    """A piece of a streamed reply; ``kind`` says whether it is reasoning or answer text.
+
+    The last chunk carries ``finish_reason`` and the call's ``timings`` (its image encodes included).
+    """
 
     text: str
     kind: Literal["reasoning", "answer"]
     finish_reason: Optional[FinishReason] = None
+    timings: Optional[Timings] = field(default=None, repr=False)
 
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -325,19 +349,20 @@ def split_output(text: str, thinking: bool = True) -> tuple[str, str]:
 
 
 def build_prompt(
-    session: Session, messages: Sequence[Message], thinking: Optional[bool]
+    model: Any, messages: Sequence[Message], thinking: Optional[bool], stats: Optional[CallStats] = None
 ) -> tuple[list[Any], bool, list[ImageEmbedding]]:
     """Prompt parts for ``messages``, whether the reply starts in thinking mode, and the images' embeddings.
 
-    Images are encoded through the session's embedding cache, so a conversation's earlier images
-    are not encoded again on later turns.
+    ``model`` gives ``chat_family``, ``chat_template`` and ``_encode``. Images are encoded through the
+    model's embedding cache, so a conversation's earlier images are not encoded again on later turns;
+    the time of those encoded now goes to ``stats``.
     """
-    family = session.chat_family
+    family = model.chat_family
     if family.always_thinks and thinking is False:
         raise ConfigError("GLM-4.1V-Thinking always reasons; thinking=False is not available for this model")
     msgs, images = normalize_messages(messages)
     enable = None if family.always_thinks else thinking
-    template = session.chat_template
+    template = model.chat_template
     if template:
         rendered = render_template(template, msgs, enable_thinking=enable)
     else:
@@ -346,7 +371,7 @@ def build_prompt(
     # In a message part a str image is a path (in a raw prompt a str would be text).
     embeddings = [
         image if isinstance(image, ImageEmbedding)
-        else session.encode_image(pathlib.Path(image) if isinstance(image, str) else image)
+        else model._encode(pathlib.Path(image) if isinstance(image, str) else image, stats)
         for image in images
     ]
     return prompt_parts(rendered, list(embeddings)), thinks, embeddings
@@ -366,31 +391,35 @@ def ground_boxes(answer: str, embeddings: list[ImageEmbedding], box_image: int) 
     return tuple(GroundedBox(b, b.to_pixels(width, height), index) for b in boxes)
 
 
-def chat_stream(session: Session, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
+def chat_stream(ctx: ChatBackend, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
                 *, thinking: Optional[bool] = None) -> Iterator[ChatChunk]:
-    """Stream a reply as :class:`ChatChunk` s (see :meth:`Session.chat_stream`)."""
-    parts, thinks, _ = build_prompt(session, messages, thinking)
+    """Stream a reply as :class:`ChatChunk` s (see :meth:`Context.chat_stream`)."""
+    model = ctx._chat_model()
+    stats = CallStats()
+    parts, thinks, _ = build_prompt(model, messages, thinking, stats)
     splitter = OutputSplitter(thinks)
-    for chunk in session.stream(parts, config or session.chat_family.defaults):
+    for chunk in ctx._chunks(parts, config or model.chat_family.defaults, 1, stats):
         pieces = splitter.feed(chunk.text, final=chunk.finish_reason is not None)
         for i, (text, kind) in enumerate(pieces):
             last = chunk.finish_reason is not None and i == len(pieces) - 1
-            yield ChatChunk(text, kind, chunk.finish_reason if last else None)
+            yield ChatChunk(text, kind, chunk.finish_reason if last else None, chunk.timings if last else None)
         if chunk.finish_reason is not None and not pieces:
-            yield ChatChunk("", splitter.kind, chunk.finish_reason)
+            yield ChatChunk("", splitter.kind, chunk.finish_reason, chunk.timings)
 
 
-def chat(session: Session, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
+def chat(ctx: ChatBackend, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
          *, thinking: Optional[bool] = None, box_image: int = -1) -> ChatResult:
-    """Answer ``messages`` (see :meth:`Session.chat`)."""
-    parts, thinks, embeddings = build_prompt(session, messages, thinking)
-    result = session.generate(parts, config or session.chat_family.defaults)
+    """Answer ``messages`` (see :meth:`Context.chat`)."""
+    model = ctx._chat_model()
+    stats = CallStats()
+    parts, thinks, embeddings = build_prompt(model, messages, thinking, stats)
+    result = ctx._generate(parts, config or model.chat_family.defaults, stats)
     reasoning, answer = split_output(result.text, thinks)
     usage = Usage(
         prompt_tokens=result.prompt_tokens,
         completion_tokens=len(result.token_ids),
-        kv_cells=session.n_cells,
-        reused_cells=session.last_reused,
+        kv_cells=ctx.n_cells,
+        reused_cells=ctx.last_reused,
     )
     boxes = ground_boxes(answer, embeddings, box_image)
     return ChatResult(reasoning, answer, result.text, result.finish_reason, usage, result.timings, boxes)

@@ -13,6 +13,7 @@ __all__ = [
     "ImageError",
     "ContextOverflowError",
     "SessionClosedError",
+    "NoFreeContextError",
     "GenerationError",
     "ConversionError",
     "EngineError",
@@ -40,7 +41,11 @@ class ContextOverflowError(Glm4vError):
 
 
 class SessionClosedError(Glm4vError):
-    """A method was called on a :class:`~glm4v_mtmd.Session` after ``close()``."""
+    """A method was called on a :class:`~glm4v_mtmd.Session`, ``Model`` or ``Context`` after ``close()``."""
+
+
+class NoFreeContextError(Glm4vError):
+    """``Model.context()`` was called while all ``n_parallel`` contexts of the model are open."""
 
 
 class GenerationError(Glm4vError):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, ImageError
 
-FinishReason = Literal["stop", "length"]
+#: Why a generation ended: a stop token or stop string ("stop"), ``max_tokens`` ("length"), the
+#: context's KV cells ran out ("context"), or ``cancel()`` / Ctrl-C ("cancelled").
+FinishReason = Literal["stop", "length", "context", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -84,16 +88,30 @@ class GenerationConfig:
         object.__setattr__(self, "stop", stops)
 
 
+def embedding_digest(array: np.ndarray) -> str:
+    """The content hash of an embedding array (shape and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((array.shape, array.dtype.str)).encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class ImageEmbedding:
     """An encoded image: the projector's output, ready to be placed in a prompt.
 
     Attributes:
-        array: float32 ``[n_tokens, n_embd]``, rows in raster order of the merged grid.
-        grid: ``(rows, cols)`` of the merged grid (after the 2x2 merge).
+        array: float32 ``[n_tokens, n_embd]``, rows in raster order of the merged grid. Kept
+            read-only (a writeable array given here is copied first).
+        grid: ``(rows, cols)`` of the merged grid (after the 2x2 merge); ``rows * cols`` must be
+            ``n_tokens``.
         original_size: ``(width, height)`` of the image as given.
         resized_size: ``(width, height)`` the model saw.
-        digest: content hash of ``array``, used to reuse the KV cache across prompts.
+        digest: content hash of ``array``, used to reuse the KV cache across prompts; computed
+            from the array when not given, so two different arrays never share one.
+
+    Raises:
+        ImageError: the array is not 2-D float32 or does not match ``grid``.
     """
 
     array: np.ndarray = field(repr=False)
@@ -101,6 +119,29 @@ class ImageEmbedding:
     original_size: tuple[int, int]
     resized_size: tuple[int, int]
     digest: str = field(repr=False, default="")
+
+    def __post_init__(self) -> None:
+        array = self.array
+        if not isinstance(array, np.ndarray) or array.ndim != 2 or array.dtype != np.float32:
+            is_array = isinstance(array, np.ndarray)
+            kind = f"{array.dtype} array of shape {array.shape}" if is_array else type(array).__name__
+            raise ImageError(f"an ImageEmbedding needs a 2-D float32 array [n_tokens, n_embd], not a {kind}")
+        try:
+            rows, cols = (int(v) for v in self.grid)
+        except (TypeError, ValueError):
+            raise ImageError(f"ImageEmbedding grid={self.grid!r}: must be (rows, cols)") from None
+        if rows <= 0 or cols <= 0 or rows * cols != array.shape[0]:
+            raise ImageError(
+                f"ImageEmbedding grid {rows}x{cols} = {rows * cols} tokens does not match the array's "
+                f"{array.shape[0]} rows"
+            )
+        object.__setattr__(self, "grid", (rows, cols))
+        if array.flags.writeable:
+            array = array.copy()
+            array.setflags(write=False)
+            object.__setattr__(self, "array", array)
+        if not self.digest:
+            object.__setattr__(self, "digest", embedding_digest(array))
 
     @property
     def n_tokens(self) -> int:
@@ -113,9 +154,33 @@ class ImageEmbedding:
         return max(self.grid)
 
 
+@dataclass(frozen=True, init=False)
+class Tokens:
+    """Token ids placed in a prompt as given, without tokenizing text (e.g. a reference's ids).
+
+    ``Tokens([151331, 151333, ...])`` is a prompt part like a string or an image; each id must be
+    in the model's vocabulary (checked before evaluation).
+    """
+
+    ids: tuple[int, ...]
+
+    def __init__(self, ids: Iterable[int]) -> None:
+        if isinstance(ids, (str, bytes)):
+            raise ConfigError("Tokens(...) takes integer token ids; put text in the prompt as a str")
+        values = tuple(ids)
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in values):
+            raise ConfigError("Tokens(...) takes an iterable of integer token ids")
+        object.__setattr__(self, "ids", tuple(int(i) for i in values))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @dataclass(frozen=True)
 class Timings:
     """Wall-clock timings of one call, in milliseconds (0 where a stage did not run).
+
+    Every figure belongs to the one call that returned it (a ``chat`` includes the images it encoded).
 
     Attributes:
         preprocess_ms: the engine's pixel preprocessing (normalise, cut into patches) of the
@@ -125,12 +190,14 @@ class Timings:
             reports as the image encode time).
         prompt_ms: evaluation of the prompt's new KV cells (text and image embeddings).
         decode_ms: the forward passes over generated tokens (one per token after the first, whose
-            logits come from the prompt); ``generated_tokens`` counts those passes.
+            logits come from the prompt); ``generated_tokens`` counts those passes. Contexts of one
+            model that generate at once share each pass, and each reports its wall time.
         sample_ms: choosing every generated token from its logits.
         prompt_tokens: the prompt's length in KV cells.
         prompt_batches: the engine calls that evaluated them, each of up to ``n_batch`` cells
-            (``Session(n_batch=...)``). Text and images of one prompt share batches, so this is
-            ``ceil(new cells / n_batch)``; 0 when every cell was reused.
+            (``Session(n_batch=...)``; ``n_batch - n_parallel + 1`` on a model with several
+            contexts, room for their tokens). Text and images of one prompt share batches, so this
+            is ``ceil(new cells / that size)``; 0 when every cell was reused.
     """
 
     preprocess_ms: float = 0.0
@@ -185,9 +252,10 @@ class GenerationResult:
 class StreamChunk:
     """A piece of streamed output: complete UTF-8 text and the ids that produced it.
 
-    ``finish_reason`` is set on the last chunk only.
+    ``finish_reason`` and ``timings`` (of the whole call) are set on the last chunk only.
     """
 
     text: str
     token_ids: tuple[int, ...] = ()
     finish_reason: Optional[FinishReason] = None
+    timings: Optional[Timings] = field(default=None, repr=False)

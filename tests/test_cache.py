@@ -9,7 +9,7 @@ from glm4v_mtmd._cache import EmbeddingCache, content_key
 
 
 def _emb(n_bytes: int) -> ImageEmbedding:
-    return ImageEmbedding(np.zeros((n_bytes // 16, 4), np.float32), (1, 1), (1, 1), (1, 1), "d")
+    return ImageEmbedding(np.zeros((n_bytes // 16, 4), np.float32), (n_bytes // 16, 1), (1, 1), (1, 1), "d")
 
 
 def test_lru_evicts_the_least_recently_used_beyond_the_bound():

@@ -160,7 +160,7 @@ def test_engine_calls_release_the_gil(session):
 
     session.reset()
     session.evaluate(PROMPT)
-    h = session._handle
+    h = session.context._ctx.ptr()
     lib.glm4v_set_interrupt_poll(h, ffi.NULL, ffi.NULL, 0)  # the worker must not call back into Python
     sp = ffi.new("glm4v_sampling *")
     sp[0] = lib.glm4v_sampling_default()

@@ -354,11 +354,12 @@ def test_images_count_one_cell_per_token_against_n_ctx(pair):
             s.evaluate(["[gMASK]<sop><|user|>\n", big, "Hi<|assistant|>\n"])
 
 
-def test_generation_stops_at_a_full_context(pair):
+def test_generation_stops_at_a_full_context_with_reason_context(pair):
     with Session(*pair, n_ctx=64, n_threads=1) as s:
         config = GenerationConfig(max_tokens=500, temperature=0.0, ignore_eos=True)
         out = s.generate(PROMPT[:1] + ["Hi<|assistant|>\n"], config)
-        assert out.finish_reason == "length"
+        assert out.finish_reason == "context"  # not "length": max_tokens was not reached
+        assert len(out.token_ids) < 500
         assert s.n_cells <= s.n_ctx
 
 
@@ -440,7 +441,7 @@ def test_cancel_stops_a_stream_at_the_next_token_and_the_session_survives(sessio
         chunks.append(chunk)
         if len(chunks) == 3:
             session.cancel()
-    assert len(chunks) <= 4 and chunks[-1].finish_reason == "length"
+    assert len(chunks) <= 4 and chunks[-1].finish_reason == "cancelled"
     assert_still_works(session, baseline)
 
 
@@ -456,5 +457,5 @@ def test_cancel_from_another_thread_ends_a_stream(session, baseline):
         started.set()
     canceller.join()
     # The other thread runs while this one is inside the engine (the GIL is released there).
-    assert len(chunks) < 150 and chunks[-1].finish_reason == "length"
+    assert len(chunks) < 150 and chunks[-1].finish_reason == "cancelled"
     assert_still_works(session, baseline)

@@ -1,0 +1,240 @@
+// glm4v-mtmd C API: shared engine steps for the contexts (sequences) of one model.
+//
+// One llama_context holds a KV sequence per glm4v_ctx (n_seq_max = n_parallel, a stream of
+// its own for each: kv_unified off). Every llama_process call goes through run_step: the
+// calling thread queues its request and either leads the next step (when the engine is idle)
+// or waits for a leader to run it. A step takes the oldest request and every other queued one
+// of the same kind that fits in n_batch, so contexts that generate at the same time are
+// decoded in one pass over the weights (llama.cpp's server does the same with its slots).
+
+#include "glm4v_internal.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+using namespace glm4v_detail;
+
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+// The requests of the next step, removed from the queue (sched.mu held).
+std::vector<glm4v_request *> take_step(glm4v_model * m) {
+    auto & q = m->sched.queue;
+    std::vector<glm4v_request *> out;
+    if (q.empty()) return out;
+    // One kind per batch: the engine takes either token ids or embedding rows.
+    const bool embd = q.front()->embd;
+    size_t n = 0;
+    for (auto it = q.begin(); it != q.end();) {
+        glm4v_request * r = *it;
+        if (r->embd == embd && n + r->entries.size() <= (size_t) m->n_batch) {
+            r->taken = true;
+            n += r->entries.size();
+            out.push_back(r);
+            it = q.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    // With one KV stream per sequence the engine puts consecutive sequence ids, in batch
+    // order, into one ubatch (llama_batch_allocr::split_equal): sort by id.
+    std::sort(out.begin(), out.end(), [](const glm4v_request * a, const glm4v_request * b) {
+        return a->ctx->seq < b->ctx->seq;
+    });
+    return out;
+}
+
+// Build and run one engine batch of `step` (sched.mu not held). Codes below -99 are ours.
+constexpr int32_t RC_ROW = -100;    // a token's embedding row could not be read
+constexpr int32_t RC_BATCH = -101;  // the batch refused an entry
+constexpr int32_t RC_LOGITS = -102; // the engine returned no logits
+
+void run_engine_step(glm4v_model * m, const std::vector<glm4v_request *> & step) {
+    llama_batch_ext_clear(m->batch);
+    std::vector<int32_t> out_idx(step.size(), -1);
+    int32_t rc = 0;
+    for (size_t i = 0; i < step.size() && rc == 0; ++i) {
+        glm4v_request * r = step[i];
+        const int32_t seq = r->ctx->seq;
+        for (size_t j = 0; j < r->entries.size(); ++j) {
+            const glm4v_entry & e = r->entries[j];
+            int32_t idx;
+            if (e.embd) {
+                idx = llama_batch_ext_add_embd(m->batch, seq, llama_embd{e.embd, 1, (size_t) m->n_embd});
+            } else if (e.as_row) {
+                if (!m->token_rows.read(e.token, m->row_buf.data())) {
+                    rc = RC_ROW;
+                    break;
+                }
+                // The batch copies the row, so one scratch row serves every entry.
+                idx = llama_batch_ext_add_embd(m->batch, seq, llama_embd{m->row_buf.data(), 1, (size_t) m->n_embd});
+            } else {
+                idx = llama_batch_ext_add_token(m->batch, seq, e.token);
+            }
+            if (idx < 0 || !llama_batch_ext_set_pos(m->batch, idx, e.pos)) {
+                rc = RC_BATCH;
+                break;
+            }
+            if (j + 1 == r->entries.size()) {
+                llama_batch_ext_set_output_logits(m->batch, idx, true);
+                out_idx[i] = idx;
+            }
+        }
+    }
+    if (rc == 0) rc = llama_process(m->lctx, LLAMA_PROCESS_TYPE_DECODE, m->batch);
+    const std::string errors = rc != 0 ? engine_errors() : std::string();
+    for (size_t i = 0; i < step.size(); ++i) {
+        glm4v_request * r = step[i];
+        r->rc = rc;
+        r->error = errors;
+        if (rc != 0) continue;
+        const float * l = llama_get_logits_ith(m->lctx, out_idx[i]);
+        if (!l) {
+            r->rc = RC_LOGITS;
+            continue;
+        }
+        r->ctx->logits.assign(l, l + m->n_vocab);
+    }
+}
+
+// Lead one step: wait briefly for contexts about to queue, take, run, publish (lk held on entry and exit).
+void lead(glm4v_ctx * c, std::unique_lock<std::mutex> & lk) {
+    glm4v_model * m = c->m;
+    glm4v_scheduler & sc = m->sched;
+    sc.busy = true;
+    // Contexts inside a call are sampling their next token (well under a step); contexts with an
+    // open generation outside any call are back in Python (a stream's consumer) and may be slow:
+    // wait less for them.
+    const double working_ms = std::min(50.0, std::max(0.5, 2.0 * sc.step_ms));
+    const double outside_ms = std::min(2.0, 0.1 * sc.step_ms);
+    const auto t0 = steady::now();
+    auto waited_ms = [&] { return std::chrono::duration<double, std::milli>(steady::now() - t0).count(); };
+    while ((sc.n_working > 0 && waited_ms() < working_ms) ||
+           (sc.n_working == 0 && sc.n_generating > 0 && waited_ms() < outside_ms)) {
+        sc.cv.wait_for(lk, std::chrono::microseconds(200));
+    }
+    sc.step = take_step(m);
+    if (sc.step.empty()) {  // every request was withdrawn (cancelled) meanwhile
+        sc.busy = false;
+        sc.cv.notify_all();
+        return;
+    }
+    m->leader.store(c);
+    lk.unlock();
+    const double t1 = now_ms();
+    run_engine_step(m, sc.step);
+    const double dt = now_ms() - t1;
+    lk.lock();
+    m->leader.store(nullptr);
+    sc.step_ms = 0.8 * sc.step_ms + 0.2 * dt;
+    sc.n_steps += 1;
+    sc.n_served += (int64_t) sc.step.size();
+    for (glm4v_request * r : sc.step) r->done = true;
+    sc.step.clear();
+    sc.busy = false;
+    sc.cv.notify_all();
+}
+
+}  // namespace
+
+namespace glm4v_detail {
+
+void enter_call(glm4v_ctx * c) {
+    glm4v_scheduler & sc = c->m->sched;
+    std::lock_guard<std::mutex> lk(sc.mu);
+    sc.n_working += 1;
+    if (c->gen_active) sc.n_generating -= 1;
+}
+
+void leave_call(glm4v_ctx * c) {
+    glm4v_scheduler & sc = c->m->sched;
+    std::lock_guard<std::mutex> lk(sc.mu);
+    sc.n_working -= 1;
+    if (c->gen_active) sc.n_generating += 1;
+    sc.cv.notify_all();
+}
+
+void set_gen_active(glm4v_ctx * c, bool active) {
+    // Called inside a call (between enter_call and leave_call), so only the flag changes here:
+    // leave_call counts it.
+    glm4v_scheduler & sc = c->m->sched;
+    std::lock_guard<std::mutex> lk(sc.mu);
+    c->gen_active = active;
+}
+
+glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
+    glm4v_model * m = c->m;
+    glm4v_scheduler & sc = m->sched;
+    req.ctx = c;
+    req.taken = req.done = false;
+    req.rc = 0;
+    {
+        std::unique_lock<std::mutex> lk(sc.mu);
+        sc.queue.push_back(&req);
+        sc.n_working -= 1;
+        sc.cv.notify_all();
+        bool withdrawn = false;
+        while (!req.done) {
+            if (!req.taken && (c->cancel.load())) {
+                // Not in a step yet: leave the queue rather than wait for one.
+                sc.queue.erase(std::find(sc.queue.begin(), sc.queue.end(), &req));
+                withdrawn = true;
+                break;
+            }
+            if (!sc.busy) {
+                lead(c, lk);
+                continue;
+            }
+            sc.cv.wait_for(lk, std::chrono::milliseconds(20));
+            if (!req.done && c->poll_fn) {
+                lk.unlock();  // the poll runs Python code: never hold the scheduler's lock there
+                c->poll_interrupt(true);
+                lk.lock();
+            }
+        }
+        sc.n_working += 1;
+        if (withdrawn) return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
+    }
+    const int32_t rc = req.rc;
+    if (rc == 0) return GLM4V_OK;
+    std::string detail = req.error;
+    while (!detail.empty() && (detail.back() == '\n' || detail.back() == ' ')) detail.pop_back();
+    for (auto & ch : detail) {
+        if (ch == '\n') ch = ';';
+    }
+    const std::string suffix = detail.empty() ? "" : " (engine: " + detail + ")";
+    if (rc == 2 || c->cancel.load()) return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
+    if (rc == 1) {
+        return fail(c, GLM4V_ERR_CONTEXT_FULL,
+                    fmt("%s: no KV cache slot available (n_ctx %d is full)", what, m->n_ctx_seq) + suffix);
+    }
+    if (rc == RC_ROW) return fail(c, GLM4V_ERR_INTERNAL, fmt("%s: could not read a token's embedding from the model file", what));
+    if (rc == RC_BATCH) return fail(c, GLM4V_ERR_INTERNAL, fmt("%s: the engine batch refused an entry", what) + suffix);
+    if (rc == RC_LOGITS) return fail(c, GLM4V_ERR_INTERNAL, fmt("%s: the engine returned no logits", what) + suffix);
+    return fail(c, GLM4V_ERR_DECODE, fmt("%s failed (llama_process returned %d)", what, rc) + suffix);
+}
+
+void model_steps(glm4v_model * m, int64_t * steps, int64_t * requests) {
+    std::lock_guard<std::mutex> lk(m->sched.mu);
+    if (steps) *steps = m->sched.n_steps;
+    if (requests) *requests = m->sched.n_served;
+}
+
+bool step_abort(void * data) {
+    auto * m = static_cast<glm4v_model *>(data);
+    // The engine calls this from the leader's thread; the leader may poll its own interrupt
+    // (a Python callback on its thread).
+    glm4v_ctx * leader = m->leader.load();
+    if (leader) leader->poll_interrupt(true);
+    // Stop the step only if nobody in it still wants it. sc.step is stable while it runs.
+    const auto & step = m->sched.step;
+    if (step.empty()) return false;
+    for (const glm4v_request * r : step) {
+        if (!r->ctx->cancel.load()) return false;
+    }
+    return true;
+}
+
+}  // namespace glm4v_detail

@@ -1,0 +1,446 @@
+"""`Model`: a loaded GLM-4.xV model pair, shared by the conversations (:class:`~glm4v_mtmd.Context`) on it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import numpy as np
+
+from . import _native
+from ._cache import EmbeddingCache, content_key
+from ._cpu import precision_advice
+from ._gguf_probe import read_header
+from ._handles import ModelHandle
+from ._native import call_scope
+from ._prompt import CallStats, ImageTokenIds
+from ._validate import check_glm4v_mmproj, check_text_model
+from .errors import ConfigError, ModelLoadError, NoFreeContextError, SessionClosedError
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    PIXELS_PER_TOKEN,
+    ImageInput,
+    check_limits,
+    prepare_image,
+)
+from .types import GenerationConfig, ImageEmbedding, embedding_digest
+
+if TYPE_CHECKING:
+    from .chat import ChatFamily, ChatResult, Message
+    from .context import Context
+
+#: KV-cache types by name (ggml_type values).
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+#: Architectures of GLM-4.xV text models (glm4v -> glm4, glm4v_moe -> glm4moe).
+TEXT_ARCHITECTURES = ("glm4", "glm4moe")
+#: Pieces that end a GLM turn (the checkpoints' generation_config eos ids).
+STOP_PIECES = ("<|endoftext|>", "<|user|>", "<|observation|>")
+#: Most contexts one model may hold (the engine's limit of sequences).
+MAX_PARALLEL = 256
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}={value!r}: must be a positive integer")
+
+
+class Model:
+    """A GLM-4.xV text model plus its vision projector, loaded once for several conversations.
+
+    Args:
+        model_path: text-model GGUF (architecture ``glm4`` or ``glm4moe``).
+        mmproj_path: projector GGUF (``mmproj-*.gguf``); ``None`` for text only.
+        n_ctx: KV cells of **each** context (conversation). An image fills one cell per image token.
+            The engine allocates ``n_ctx * n_parallel`` cells, a separate stream per context, so one
+            context never takes another's room; a prompt that does not fit raises
+            :class:`ContextOverflowError` naming the numbers.
+        n_parallel: contexts that can be open at once (1..256). Contexts that generate at the same
+            time from different threads are decoded together: one engine pass per token for all.
+        n_threads: CPU threads (default: the CPUs available to this process).
+        n_gpu_layers: layers to offload to a GPU backend (-1 = all).
+        flash_attn: ``None`` lets the engine decide, ``True``/``False`` force it.
+        kv_cache_type: one of :data:`KV_CACHE_TYPES` (``"f32"`` for exact comparisons).
+        n_batch: cells per engine batch in prompt evaluation.
+        use_mmap: memory-map the model file.
+        min_pixels, max_pixels: image size limits of the reference preprocessing, in pixels
+            counting both temporal frames as the checkpoints' preprocessor config does (one image
+            token = 1,568 pixels; defaults 12,544 / 9,633,792 = 8 / 6,144 tokens). They may only
+            narrow the engine's window of 8 .. 6,144 tokens, which it would otherwise resize into.
+        max_image_pixels: largest width*height accepted, checked on the file header before
+            decoding (decompression bombs); Pillow's 178,956,970 by default.
+        image_cache_mb: size of the LRU cache of image embeddings keyed by image content (0 = off),
+            shared by the model's contexts: a conversation re-sends its images every turn, and
+            they are encoded once.
+
+    Threads: a model may be shared. Its vocabulary calls run in parallel; image encodes take turns
+    on the one projector; each :class:`Context` is one conversation, used by one thread at a time.
+    A model is a context manager; :meth:`close` (idempotent) closes its contexts first.
+    """
+
+    def __init__(
+        self,
+        model_path: Union[str, os.PathLike],
+        mmproj_path: Union[str, os.PathLike, None] = None,
+        *,
+        n_ctx: int = 4096,
+        n_parallel: int = 1,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        flash_attn: Optional[bool] = None,
+        kv_cache_type: str = "f16",
+        n_batch: int = 2048,
+        use_mmap: bool = True,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        image_cache_mb: float = 256,
+    ) -> None:
+        self._handle: Optional[ModelHandle] = None
+        self._lock = threading.RLock()  # the image cache, the set of open contexts, closing
+        self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
+        _check_positive("n_ctx", n_ctx)
+        _check_positive("n_parallel", n_parallel)
+        if n_parallel > MAX_PARALLEL:
+            raise ConfigError(f"n_parallel={n_parallel}: at most {MAX_PARALLEL} contexts per model")
+        _check_positive("n_threads", n_threads, allow_none=True)
+        _check_positive("n_batch", n_batch)
+        # The engine's image-token window (the load params keep the C defaults): images outside it
+        # would be resized again by llama.cpp, so the limits may only narrow it.
+        engine = _native.lib.glm4v_load_params_default()
+        self._pixel_window = (engine.image_min_tokens * PIXELS_PER_TOKEN, engine.image_max_tokens * PIXELS_PER_TOKEN)
+        check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
+        if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+            raise ConfigError(f"n_gpu_layers={n_gpu_layers!r}: must be an integer >= -1 (-1 = all)")
+        if flash_attn not in (None, True, False):
+            raise ConfigError(f"flash_attn={flash_attn!r}: must be None, True or False")
+        if kv_cache_type not in KV_CACHE_TYPES:
+            raise ConfigError(f"kv_cache_type={kv_cache_type!r}: must be one of {', '.join(KV_CACHE_TYPES)}")
+        if not isinstance(image_cache_mb, (int, float)) or image_cache_mb < 0:
+            raise ConfigError(f"image_cache_mb={image_cache_mb!r}: must be a number >= 0")
+
+        self.model_path = os.fspath(model_path)
+        self.mmproj_path = os.fspath(mmproj_path) if mmproj_path is not None else None
+        self._cpu_only = n_gpu_layers == 0 or _native.engine_info()["backends"] == ["CPU"]
+        self.architecture = self._check_files()
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.max_image_pixels = max_image_pixels
+        self.image_cache = EmbeddingCache(int(image_cache_mb * (1 << 20)))
+
+        threads = n_threads or _default_threads()
+        options = {
+            "n_ctx": n_ctx, "n_parallel": n_parallel, "n_batch": n_batch, "n_ubatch": min(512, n_batch),
+            "n_threads": threads, "n_threads_batch": threads, "n_gpu_layers": n_gpu_layers,
+            "flash_attn": -1 if flash_attn is None else int(flash_attn),
+            "type_k": KV_CACHE_TYPES[kv_cache_type], "type_v": KV_CACHE_TYPES[kv_cache_type],
+            "use_mmap": int(use_mmap),
+        }
+        with call_scope():
+            self._handle = ModelHandle(self.model_path, self.mmproj_path, options)
+        facts = self._handle.facts
+        self.n_vocab: int = facts.n_vocab
+        self.n_embd: int = facts.n_embd
+        self.n_ctx: int = facts.n_ctx
+        self.n_parallel: int = facts.n_parallel
+        self.n_batch: int = n_batch
+        self.load_ms: float = facts.load_ms
+        self.image_token_ids = ImageTokenIds(facts.begin_image_token, facts.image_token, facts.end_image_token)
+        self.stop_ids = tuple(t for t in (self._handle.token_id(p) for p in STOP_PIECES) if t >= 0)
+
+    # ----------------------------------------------------------------------------- life cycle
+
+    def _check_files(self) -> str:
+        header = read_header(self.model_path)
+        arch = str(header.metadata.get("general.architecture", ""))
+        if arch == "clip":
+            raise ModelLoadError(
+                f"'{self.model_path}' is a projector (mmproj) file; pass it as mmproj_path and the "
+                "text-model GGUF as model_path"
+            )
+        if arch not in TEXT_ARCHITECTURES:
+            raise ModelLoadError(
+                f"'{self.model_path}' is a '{arch or 'unknown'}' model; glm4v-mtmd runs GLM-4.xV text "
+                f"models ({', '.join(TEXT_ARCHITECTURES)})"
+            )
+        check_text_model(header, arch, with_projector=self.mmproj_path is not None)
+        if self.mmproj_path is not None:
+            pheader = read_header(self.mmproj_path)
+            pmeta = pheader.metadata
+            if pmeta.get("general.architecture") != "clip":
+                raise ModelLoadError(
+                    f"'{self.mmproj_path}' is not a projector (mmproj) file (architecture "
+                    f"'{pmeta.get('general.architecture', 'unknown')}'); pass the mmproj-*.gguf file"
+                )
+            ptype = pmeta.get("clip.projector_type")
+            if ptype is not None and ptype != "glm4v":
+                raise ModelLoadError(f"'{self.mmproj_path}' is a '{ptype}' projector, not a GLM-4.xV one (glm4v)")
+            check_glm4v_mmproj(pheader)
+            if self._cpu_only:
+                advice = precision_advice([t.ggml_type for t in pheader.tensors.values() if len(t.shape) >= 2])
+                if advice:
+                    _native.logger.warning("%s: %s", self.mmproj_path, advice)
+        return arch
+
+    def close(self) -> None:
+        """Close every context of the model, then free it. Safe to call more than once."""
+        with self._lock:
+            for ctx in list(self._contexts):
+                ctx.close()
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._handle is None
+
+    def _h(self) -> ModelHandle:
+        handle = self._handle
+        if handle is None:
+            raise SessionClosedError("the model is closed; load it again")
+        return handle
+
+    # ----------------------------------------------------------------------------- contexts
+
+    def context(self) -> Context:
+        """A new conversation on this model (one of its ``n_parallel`` KV sequences).
+
+        Raises:
+            NoFreeContextError: all ``n_parallel`` contexts are open (close one, or load the model
+                with a larger ``n_parallel``).
+        """
+        from .context import Context
+
+        with self._lock:
+            self._h()
+            n_open = len(self._contexts)
+            if n_open >= self.n_parallel:
+                raise NoFreeContextError(
+                    f"all {self.n_parallel} contexts of this model are open (n_parallel={self.n_parallel}): "
+                    "close one, or load the model with a larger n_parallel"
+                )
+            ctx = Context(self)
+            self._contexts.add(ctx)
+            return ctx
+
+    @property
+    def n_open_contexts(self) -> int:
+        """Contexts of this model that are open now."""
+        return len(self._contexts)
+
+    @property
+    def engine_steps(self) -> tuple[int, int]:
+        """``(steps, requests)``: engine passes run so far and the pieces of work they served (a prompt
+        chunk or one generated token of a context). ``requests > steps`` when contexts shared passes."""
+        return self._h().steps()
+
+    def _forget(self, ctx: Context) -> None:
+        with self._lock:
+            self._contexts.discard(ctx)
+
+    # ----------------------------------------------------------------------------- vocabulary
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of ``text`` (no BOS is added; ``special`` parses pieces like ``<|user|>``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates, e.g. from os.fsdecode of bad bytes
+            raise ConfigError(f"the text is not valid Unicode ({exc.reason} at position {exc.start})") from exc
+        return self._h().tokenize(data, special)
+
+    def detokenize(self, ids: Sequence[int], *, special: bool = True) -> str:
+        """Text of ``ids``; ``special`` renders special pieces (e.g. ``<|begin_of_box|>``)."""
+        return self._h().detokenize(np.ascontiguousarray(ids, dtype=np.int32), special)
+
+    def metadata(self, key: str) -> Optional[str]:
+        """A metadata value of the text model as a string, or ``None`` if absent."""
+        return self._h().metadata(key)
+
+    # ----------------------------------------------------------------------------- images
+
+    def encode_image(
+        self,
+        image: ImageInput,
+        *,
+        min_pixels: Optional[int] = None,
+        max_pixels: Optional[int] = None,
+        max_image_pixels: Optional[int] = None,
+    ) -> ImageEmbedding:
+        """Preprocess and encode one image with the vision tower and projector.
+
+        The image is prepared exactly as transformers' ``Glm4vImageProcessor`` (see
+        :func:`glm4v_mtmd.preprocess`), so the engine receives it at its final size. Embeddings are
+        cached by image content (``image_cache_mb``), shared by the model's contexts.
+
+        Args:
+            image: a path, bytes, file object, PIL image or uint8 ndarray (HxW, HxWx3, HxWx4).
+            min_pixels, max_pixels, max_image_pixels: override the model's limits for this image.
+
+        Raises:
+            ImageError: the image is unreadable or breaks a preprocessing rule (the model is unaffected).
+            ConfigError: an override is invalid.
+        """
+        return self._encode(image, None, min_pixels=min_pixels, max_pixels=max_pixels,
+                            max_image_pixels=max_image_pixels)
+
+    def _encode(self, image: ImageInput, stats: Optional[CallStats], *, min_pixels: Optional[int] = None,
+                max_pixels: Optional[int] = None, max_image_pixels: Optional[int] = None) -> ImageEmbedding:
+        """encode_image, adding the engine's time to ``stats`` (the running call's) when it encodes."""
+        min_pixels = self.min_pixels if min_pixels is None else min_pixels
+        max_pixels = self.max_pixels if max_pixels is None else max_pixels
+        max_image_pixels = self.max_image_pixels if max_image_pixels is None else max_image_pixels
+        # Limits inside the engine's window keep every smart_resize result inside it too (the aspect
+        # limit of 200 bounds what the 28-px minimum side can add), so the engine never resizes.
+        check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
+        key = content_key(image, (min_pixels, max_pixels)) if self.image_cache.max_bytes else None
+        if key:
+            with self._lock:
+                cached = self.image_cache.get(key)
+            if cached is not None:
+                return cached
+        prepared = prepare_image(image, min_pixels=min_pixels, max_pixels=max_pixels, max_image_pixels=max_image_pixels)
+        width, height = prepared.size
+        with call_scope():
+            encoded = self._h().encode(prepared.pixels, width, height)
+        if stats is not None:
+            stats.preprocess_ms += encoded.preprocess_ms
+            stats.encode_ms += encoded.encode_ms
+        emb = ImageEmbedding(encoded.array, encoded.grid, prepared.original_size, prepared.size,
+                             embedding_digest(encoded.array))
+        if key:
+            with self._lock:
+                self.image_cache.put(key, emb)
+        return emb
+
+    # ----------------------------------------------------------------------------- chat
+
+    @functools.cached_property
+    def chat_template(self) -> Optional[str]:
+        """The model's Jinja chat template from its GGUF metadata, if any."""
+        return self.metadata("tokenizer.chat_template")
+
+    @functools.cached_property
+    def chat_family(self) -> ChatFamily:
+        """The :class:`~glm4v_mtmd.chat.ChatFamily` (prompt format and default sampling) of this model."""
+        from .chat import detect_family
+
+        return detect_family(self.architecture, self.chat_template, self.metadata("general.name"))
+
+    def chat_many(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: Optional[GenerationConfig] = None,
+        *,
+        thinking: Optional[bool] = None,
+        box_image: int = -1,
+        progress: bool = True,
+    ) -> list[ChatResult]:
+        """Answer many independent conversations, up to ``n_parallel`` at once; results in order.
+
+        The common bulk job — many pictures, one question — as
+        ``model.chat_many([[{"role": "user", "content": [{"type": "image", "image": p}, q]}] for p in pictures])``.
+        Each conversation gets a fresh context (the free ones, opened here and closed at the end), in
+        its own thread, so their tokens are decoded in shared engine passes and one conversation's
+        image encode overlaps the others' decoding. ``progress`` shows a tqdm bar.
+
+        Raises:
+            NoFreeContextError: every context of the model is already open elsewhere.
+        """
+        from tqdm.auto import tqdm
+
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+            raise ConfigError("conversations must be a list of message lists")
+        if not conversations:
+            return []
+        with self._lock:
+            free = self.n_parallel - len(self._contexts)
+            if free <= 0:
+                raise NoFreeContextError(
+                    f"chat_many needs a free context, but all {self.n_parallel} of this model are open"
+                )
+            contexts = [self.context() for _ in range(min(free, len(conversations)))]
+        pool: list[Context] = list(contexts)
+        pool_lock = threading.Lock()
+
+        def answer(messages: Sequence[Message]) -> ChatResult:
+            with pool_lock:
+                ctx = pool.pop()
+            try:
+                # No reset: the context keeps only the prefix this conversation shares with the last.
+                return ctx.chat(messages, config, thinking=thinking, box_image=box_image)
+            finally:
+                with pool_lock:
+                    pool.append(ctx)
+
+        bar = tqdm(total=len(conversations), desc="chat_many", unit="conv", disable=not progress)
+        try:
+            with ThreadPoolExecutor(max_workers=len(contexts), thread_name_prefix="glm4v-chat") as ex:
+                futures = [ex.submit(answer, conv) for conv in conversations]
+                for fut in futures:
+                    fut.add_done_callback(lambda _f: bar.update(1))
+                return [fut.result() for fut in futures]
+        finally:
+            bar.close()
+            for ctx in contexts:
+                ctx.close()
+
+    # ----------------------------------------------------------------------------- hub
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: Union[str, os.PathLike],
+        quant: str = "Q4_K_M",
+        mmproj: Optional[str] = None,
+        revision: Optional[str] = None,
+        cache_dir: Union[str, os.PathLike, None] = None,
+        local_files_only: bool = False,
+        **model_kwargs: Any,
+    ) -> Model:
+        """Open the GGUF pair of a hub repository or a local directory.
+
+        The text model is chosen by ``quant`` (the label in its file name, e.g. ``Q4_K_M``) and the
+        projector is the ``mmproj*.gguf`` file (``mmproj`` names one; among several, the precision
+        this CPU runs fastest is taken: :func:`glm4v_mtmd.hub.projector_preference`). Remaining
+        keyword arguments go to the constructor. Needs ``huggingface_hub`` for repository ids.
+        """
+        from .hub import resolve_pair
+
+        model, proj = resolve_pair(repo_id_or_dir, quant, mmproj, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=local_files_only)
+        return cls(model, proj, **model_kwargs)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"n_ctx={self.n_ctx}, n_parallel={self.n_parallel}"
+        return f"{type(self).__name__}({os.path.basename(self.model_path)!r}, {state})"
