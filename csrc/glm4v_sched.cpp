@@ -131,7 +131,12 @@ void lead(glm4v_ctx * c, std::unique_lock<std::mutex> & lk) {
     sc.step_ms = 0.8 * sc.step_ms + 0.2 * dt;
     sc.n_steps += 1;
     sc.n_served += (int64_t) sc.step.size();
-    for (glm4v_request * r : sc.step) r->done = true;
+    // Their contexts count as working from now on (they will sample and queue again), not from
+    // when their threads wake up: a leader must wait for them, not start the next step without them.
+    for (glm4v_request * r : sc.step) {
+        r->done = true;
+        sc.n_working += 1;
+    }
     sc.step.clear();
     sc.busy = false;
     sc.cv.notify_all();
@@ -194,8 +199,10 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
                 lk.lock();
             }
         }
-        sc.n_working += 1;
-        if (withdrawn) return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
+        if (withdrawn) {
+            sc.n_working += 1;  // a step's leader does this for the requests it served
+            return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
+        }
     }
     const int32_t rc = req.rc;
     if (rc == 0) return GLM4V_OK;
