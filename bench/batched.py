@@ -210,7 +210,7 @@ def main() -> None:
                          "n_batch": 2048, "n_ubatch": 512, "counts": COUNTS},
             "runs": {str(n): v for n, v in runs.items()},
             "medians": {str(n): {k: statistics.median(v) for k, v in runs[n].items()} for n in COUNTS}}
-    save_results(HERE / "results", "batched", data, ratios, table, "Batched decoding: N contexts of one model")
+    save_results(HERE / "results", "-batched", data, ratios, table, "Batched decoding: N contexts of one model")
 
 
 if __name__ == "__main__":

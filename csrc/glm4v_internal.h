@@ -14,6 +14,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ struct glm4v_image {
 // texts is otherwise four ubatches, two of them small and slow. Unavailable (ok() false)
 // when the table is not in the main file (split models) or its type has no row converter;
 // evaluation then goes part by part (eval_parts in glm4v_eval.cpp). Read only by the thread
-// that runs an engine step (the scheduler's leader), so it needs no lock of its own.
+// that runs engine steps (the model's engine thread), so it needs no lock of its own.
 struct glm4v_token_rows {
     std::FILE * file = nullptr;
     int32_t type = -1;        // ggml_type of the stored rows
@@ -57,7 +58,7 @@ struct glm4v_token_rows {
 };
 
 // One entry of an engine batch: an embedding row (embd), a token id, or a token id whose
-// embedding row the step's leader reads from the model file (as_row); pos is (t, h, w, 0).
+// embedding row the engine thread reads from the model file (as_row); pos is (t, h, w, 0).
 struct glm4v_entry {
     const float * embd = nullptr;
     int32_t token = -1;
@@ -71,23 +72,24 @@ struct glm4v_request {
     glm4v_ctx * ctx = nullptr;
     std::vector<glm4v_entry> entries;
     bool embd = false;        // kind of every entry: embedding rows (embd or as_row) or token ids
-    bool taken = false;       // a leader has put it into a step
+    bool taken = false;       // the engine thread has put it into a step
     bool done = false;
     int32_t rc = 0;           // llama_process's return value for the step
     std::string error;        // the engine's ERROR log lines of the step
 };
 
 // Shared engine steps (continuous batching, as llama-server's slots share llama_decode):
-// every context queues its request; whichever thread finds the engine idle leads the next
-// step, which takes the oldest request and every other queued one of the same kind that
-// fits in n_batch, so the weights are read once for all of them. Before a step, the leader
-// waits briefly for contexts that are in a call but have not queued yet (they are sampling
-// their next token), so generating contexts advance together instead of taking turns.
+// every context queues its request; the model's engine thread runs the next step, which
+// takes the oldest request and every other queued one of the same kind that fits in
+// n_batch, so the weights are read once for all of them. Before a step, it waits briefly
+// for contexts that are in a call but have not queued yet (they are sampling their next
+// token), so generating contexts advance together instead of taking turns.
 struct glm4v_scheduler {
     std::mutex mu;
     std::condition_variable cv;
     std::deque<glm4v_request *> queue;
-    bool busy = false;        // a step is being built or run
+    bool busy = false;        // a step is running
+    bool stop = false;        // the engine thread should end
     int32_t n_working = 0;    // contexts inside a call that have no request queued
     int32_t n_generating = 0; // contexts with an open generation that are outside any call
     double step_ms = 1.0;     // running average of an engine step, for the waits above
@@ -96,19 +98,23 @@ struct glm4v_scheduler {
     std::vector<glm4v_request *> step;  // the requests of the running step (abort callback)
 };
 
+namespace glm4v_detail {
+void stop_engine(glm4v_model * m);
+}
+
 struct glm4v_model {
     llama_model * model = nullptr;
     llama_context * lctx = nullptr;
     mtmd_context * mctx = nullptr;
     const llama_vocab * vocab = nullptr;
-    llama_batch_ext * batch = nullptr;  // used by the step's leader only
+    llama_batch_ext * batch = nullptr;  // used by the engine thread only
     int32_t n_batch = 512;
     int32_t n_ctx_seq = 0;
     int32_t n_parallel = 1;
     int32_t n_vocab = 0;
     int32_t n_embd = 0;
     glm4v_token_rows token_rows;
-    std::vector<float> row_buf;         // the leader's scratch for as_row entries
+    std::vector<float> row_buf;         // the engine thread's scratch for as_row entries
     bool use_mrope = false;
     double t_load_ms = 0.0;
 
@@ -116,9 +122,10 @@ struct glm4v_model {
     std::mutex seq_mu;
     std::vector<bool> seq_used;
     glm4v_scheduler sched;
-    std::atomic<glm4v_ctx *> leader{nullptr};  // context whose thread runs the current step
+    std::thread engine;                 // runs every engine step (glm4v_sched.cpp)
 
     ~glm4v_model() {
+        glm4v_detail::stop_engine(this);
         if (batch) llama_batch_ext_free(batch);
         if (mctx) mtmd_free(mctx);
         if (lctx) llama_free(lctx);
@@ -194,6 +201,9 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what);
 // Open or close c's generation in the scheduler's count of generating contexts.
 void set_gen_active(glm4v_ctx * c, bool active);
 void model_steps(glm4v_model * m, int64_t * steps, int64_t * requests);
+// The model's engine thread (started once its context exists; stopped before it is freed).
+void start_engine(glm4v_model * m);
+void stop_engine(glm4v_model * m);
 // The engine's abort callback: stop a step only when every context in it is cancelled.
 bool step_abort(void * model);
 

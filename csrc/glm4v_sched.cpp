@@ -2,10 +2,15 @@
 //
 // One llama_context holds a KV sequence per glm4v_ctx (n_seq_max = n_parallel, a stream of
 // its own for each: kv_unified off). Every llama_process call goes through run_step: the
-// calling thread queues its request and either leads the next step (when the engine is idle)
-// or waits for a leader to run it. A step takes the oldest request and every other queued one
-// of the same kind that fits in n_batch, so contexts that generate at the same time are
-// decoded in one pass over the weights (llama.cpp's server does the same with its slots).
+// calling thread queues its request and waits; the model's one engine thread runs the steps.
+// A step takes the oldest request and every other queued one of the same kind that fits in
+// n_batch, so contexts that generate at the same time are decoded in one pass over the
+// weights (llama.cpp's server does the same with its slots, in its one main loop).
+//
+// One thread for every step, not whichever caller finds the engine idle: ggml's CPU backend
+// computes with an OpenMP team per calling thread, and the idle teams of other callers keep
+// spinning on the cores (measured: a single context decoding from a second Python thread ran
+// 15 % slower than from the main thread; several callers leading in turn lost 20-30 %).
 
 #include "glm4v_internal.h"
 
@@ -99,47 +104,45 @@ void run_engine_step(glm4v_model * m, const std::vector<glm4v_request *> & step)
     }
 }
 
-// Lead one step: wait briefly for contexts about to queue, take, run, publish (lk held on entry and exit).
-void lead(glm4v_ctx * c, std::unique_lock<std::mutex> & lk) {
-    glm4v_model * m = c->m;
+// The engine thread: wait for work, wait briefly for contexts about to queue, take, run, publish.
+void engine_loop(glm4v_model * m) {
     glm4v_scheduler & sc = m->sched;
-    sc.busy = true;
-    // Contexts inside a call are sampling their next token (well under a step); contexts with an
-    // open generation outside any call are back in Python (a stream's consumer) and may be slow:
-    // wait less for them.
-    const double working_ms = std::min(50.0, std::max(0.5, 2.0 * sc.step_ms));
-    const double outside_ms = std::min(2.0, 0.1 * sc.step_ms);
-    const auto t0 = steady::now();
-    auto waited_ms = [&] { return std::chrono::duration<double, std::milli>(steady::now() - t0).count(); };
-    while ((sc.n_working > 0 && waited_ms() < working_ms) ||
-           (sc.n_working == 0 && sc.n_generating > 0 && waited_ms() < outside_ms)) {
-        sc.cv.wait_for(lk, std::chrono::microseconds(200));
-    }
-    sc.step = take_step(m);
-    if (sc.step.empty()) {  // every request was withdrawn (cancelled) meanwhile
+    std::unique_lock<std::mutex> lk(sc.mu);
+    while (true) {
+        sc.cv.wait(lk, [&] { return sc.stop || !sc.queue.empty(); });
+        if (sc.stop) break;
+        // Contexts inside a call are sampling their next token (well under a step); contexts with an
+        // open generation outside any call are back in Python (a stream's consumer) and may be slow:
+        // wait less for them.
+        const double working_ms = std::min(50.0, std::max(0.5, 2.0 * sc.step_ms));
+        const double outside_ms = std::min(2.0, 0.1 * sc.step_ms);
+        const auto t0 = steady::now();
+        auto waited_ms = [&] { return std::chrono::duration<double, std::milli>(steady::now() - t0).count(); };
+        while (!sc.stop && ((sc.n_working > 0 && waited_ms() < working_ms) ||
+                            (sc.n_working == 0 && sc.n_generating > 0 && waited_ms() < outside_ms))) {
+            sc.cv.wait_for(lk, std::chrono::microseconds(200));
+        }
+        sc.step = take_step(m);
+        if (sc.step.empty()) continue;  // every request was withdrawn (cancelled) meanwhile
+        sc.busy = true;
+        lk.unlock();
+        const double t1 = now_ms();
+        run_engine_step(m, sc.step);
+        const double dt = now_ms() - t1;
+        lk.lock();
+        sc.step_ms = 0.8 * sc.step_ms + 0.2 * dt;
+        sc.n_steps += 1;
+        sc.n_served += (int64_t) sc.step.size();
+        // Their contexts count as working from now on (they will sample and queue again), not from
+        // when their threads wake up: the next step must wait for them, not start without them.
+        for (glm4v_request * r : sc.step) {
+            r->done = true;
+            sc.n_working += 1;
+        }
+        sc.step.clear();
         sc.busy = false;
         sc.cv.notify_all();
-        return;
     }
-    m->leader.store(c);
-    lk.unlock();
-    const double t1 = now_ms();
-    run_engine_step(m, sc.step);
-    const double dt = now_ms() - t1;
-    lk.lock();
-    m->leader.store(nullptr);
-    sc.step_ms = 0.8 * sc.step_ms + 0.2 * dt;
-    sc.n_steps += 1;
-    sc.n_served += (int64_t) sc.step.size();
-    // Their contexts count as working from now on (they will sample and queue again), not from
-    // when their threads wake up: a leader must wait for them, not start the next step without them.
-    for (glm4v_request * r : sc.step) {
-        r->done = true;
-        sc.n_working += 1;
-    }
-    sc.step.clear();
-    sc.busy = false;
-    sc.cv.notify_all();
 }
 
 }  // namespace
@@ -188,10 +191,6 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
                 withdrawn = true;
                 break;
             }
-            if (!sc.busy) {
-                lead(c, lk);
-                continue;
-            }
             sc.cv.wait_for(lk, std::chrono::milliseconds(20));
             if (!req.done && c->poll_fn) {
                 lk.unlock();  // the poll runs Python code: never hold the scheduler's lock there
@@ -200,7 +199,7 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
             }
         }
         if (withdrawn) {
-            sc.n_working += 1;  // a step's leader does this for the requests it served
+            sc.n_working += 1;  // the engine thread does this for the requests it served
             return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
         }
     }
@@ -223,6 +222,20 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
     return fail(c, GLM4V_ERR_DECODE, fmt("%s failed (llama_process returned %d)", what, rc) + suffix);
 }
 
+void start_engine(glm4v_model * m) {
+    m->engine = std::thread(engine_loop, m);
+}
+
+void stop_engine(glm4v_model * m) {
+    if (!m->engine.joinable()) return;
+    {
+        std::lock_guard<std::mutex> lk(m->sched.mu);
+        m->sched.stop = true;
+    }
+    m->sched.cv.notify_all();
+    m->engine.join();
+}
+
 void model_steps(glm4v_model * m, int64_t * steps, int64_t * requests) {
     std::lock_guard<std::mutex> lk(m->sched.mu);
     if (steps) *steps = m->sched.n_steps;
@@ -231,11 +244,9 @@ void model_steps(glm4v_model * m, int64_t * steps, int64_t * requests) {
 
 bool step_abort(void * data) {
     auto * m = static_cast<glm4v_model *>(data);
-    // The engine calls this from the leader's thread; the leader may poll its own interrupt
-    // (a Python callback on its thread).
-    glm4v_ctx * leader = m->leader.load();
-    if (leader) leader->poll_interrupt(true);
-    // Stop the step only if nobody in it still wants it. sc.step is stable while it runs.
+    // Called on the engine thread while it computes a step (sc.step is stable then). The waiting
+    // callers poll their own interrupts (Ctrl-C reaches Python only on the main thread) and set
+    // their cancel flags; stop the step only if nobody in it still wants it.
     const auto & step = m->sched.step;
     if (step.empty()) return false;
     for (const glm4v_request * r : step) {

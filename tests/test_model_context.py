@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 import reference
-from conftest import GREEDY, PROMPT, random_image
+from conftest import ARCHS, GREEDY, PROMPT, random_image
 from tolerances import REBATCHED_LOGITS_MAX_ABS
 
 from glm4v_mtmd import (
@@ -41,6 +41,14 @@ def model(pair):
         yield m
 
 
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request, gguf_pair):
+    """(arch, exact-settings Model with two contexts) for each architecture."""
+    pair = gguf_pair(request.param, 0, "f32")
+    with Model(*pair, n_ctx=512, n_parallel=2, n_threads=2, kv_cache_type="f32", flash_attn=False) as m:
+        yield request.param, m
+
+
 def _run_together(fns):
     """Run the callables in threads that start together; their results in order (exceptions re-raised)."""
     barrier = threading.Barrier(len(fns))
@@ -67,7 +75,8 @@ def _run_together(fns):
 # ----------------------------------------------------------------------------- batched decoding
 
 
-def test_two_contexts_generating_together_give_their_answers_alone(model):
+def test_two_contexts_generating_together_give_their_answers_alone(arch_model):
+    _, model = arch_model
     prompts = [PROMPT, PROMPT_B]
     with model.context() as a, model.context() as b:
         alone = [a.generate(prompts[0], GREEDY_48), b.generate(prompts[1], GREEDY_48)]
@@ -85,16 +94,18 @@ def test_two_contexts_generating_together_give_their_answers_alone(model):
     assert shared >= 24, f"{served1 - served0} requests in {steps1 - steps0} engine steps"
 
 
-def test_concurrent_prompts_give_the_logits_and_positions_of_transformers(model, hf_checkpoint, reference_model):
+def test_concurrent_prompts_give_the_logits_and_positions_of_transformers(arch_model, hf_checkpoint,
+                                                                            reference_model):
+    arch, model = arch_model
     prompts = [PROMPT, PROMPT_B]
     with model.context() as a, model.context() as b:
         alone = [a.evaluate(prompts[0]), b.evaluate(prompts[1])]
         a.reset()
         b.reset()
         together = _run_together([lambda: a.evaluate(prompts[0]), lambda: b.evaluate(prompts[1])])
-    ref = reference_model("glm4v")
+    ref = reference_model(arch)
     for prompt, x, y in zip(prompts, alone, together):
-        inputs = reference.build_inputs(hf_checkpoint("glm4v"), prompt)
+        inputs = reference.build_inputs(hf_checkpoint(arch), prompt)
         np.testing.assert_array_equal(y.tokens, inputs["input_ids"][0].numpy())
         np.testing.assert_array_equal(y.positions, reference.reference_positions(ref, inputs))
         # Batched kernels may sum in another order: float32 summation order only.
