@@ -58,6 +58,9 @@ def main() -> None:
     times: dict[str, list[float]] = {"loop": [], "chat_many": []}
     with Model(model_path, mmproj_path, n_ctx=1024, n_parallel=args.parallel, n_threads=args.threads,
                flash_attn=True) as model:
+        # The bench checkpoint's template renders text only (llama-mtmd-cli's needs); the package's built-in
+        # GLM-4.1V renderer places the image markers.
+        model.chat_template = None
         for rnd in range(args.rounds):
             for side in (["loop", "chat_many"] if rnd % 2 == 0 else ["chat_many", "loop"]):
                 model.image_cache.clear()
