@@ -306,7 +306,7 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
                        llama_model_rope_type(m->model) == LLAMA_ROPE_TYPE_IMROPE;
         m->token_rows.open(model_path, m->n_embd, m->n_vocab);
         m->row_buf.resize((size_t) m->n_embd);
-        start_engine(m);
+        if (m->n_parallel > 1) start_engine(m);  // one sequence runs its steps on the caller's thread
 
         if (mmproj_path && mmproj_path[0]) {
             mtmd_context_params mcp = mtmd_context_params_default();

@@ -122,7 +122,8 @@ struct glm4v_model {
     std::mutex seq_mu;
     std::vector<bool> seq_used;
     glm4v_scheduler sched;
-    std::thread engine;                 // runs every engine step (glm4v_sched.cpp)
+    std::thread engine;                 // runs every engine step (glm4v_sched.cpp); none when n_parallel = 1
+    std::atomic<glm4v_ctx *> inline_ctx{nullptr};  // the caller running a step itself (n_parallel = 1)
 
     ~glm4v_model() {
         glm4v_detail::stop_engine(this);
