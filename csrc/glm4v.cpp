@@ -72,17 +72,19 @@ std::string trim(std::string s) {
     return s;
 }
 
-std::string with_engine_detail(const std::string & msg) {
-    std::string detail = trim(t_engine_errors);
+std::string engine_detail_suffix(const std::string & errors) {
+    std::string detail = trim(errors);
     if (detail.empty()) {
-        return msg;
+        return "";
     }
     // Keep it readable: collapse engine lines into one "engine: ..." suffix.
     for (auto & c : detail) {
         if (c == '\n') c = ';';
     }
-    return msg + " (engine: " + detail + ")";
+    return " (engine: " + detail + ")";
 }
+
+std::string with_engine_detail(const std::string & msg) { return msg + engine_detail_suffix(t_engine_errors); }
 
 std::string fmt(const char * f, ...) {
     char buf[1024];

@@ -88,7 +88,6 @@ struct glm4v_scheduler {
     std::mutex mu;
     std::condition_variable cv;
     std::deque<glm4v_request *> queue;
-    bool busy = false;        // a step is running
     bool stop = false;        // the engine thread should end
     int32_t n_working = 0;    // contexts inside a call that have no request queued
     int32_t n_generating = 0; // contexts with an open generation that are outside any call
@@ -184,6 +183,8 @@ glm4v_status fail(glm4v_ctx * c, glm4v_status st, const std::string & msg);
 void begin_api_call(glm4v_ctx * c);
 // The engine's ERROR log lines seen by this thread since begin_api_call.
 std::string engine_errors();
+// " (engine: line; line)" for engine log lines, "" when there are none (what fail() appends).
+std::string engine_detail_suffix(const std::string & errors);
 // Initialise the backend and route engine logs through our callback (once per process).
 void install_log_once();
 std::string fmt(const char * f, ...);

@@ -124,7 +124,6 @@ void engine_loop(glm4v_model * m) {
         }
         sc.step = take_step(m);
         if (sc.step.empty()) continue;  // every request was withdrawn (cancelled) meanwhile
-        sc.busy = true;
         lk.unlock();
         const double t1 = now_ms();
         run_engine_step(m, sc.step);
@@ -140,7 +139,6 @@ void engine_loop(glm4v_model * m) {
             sc.n_working += 1;
         }
         sc.step.clear();
-        sc.busy = false;
         sc.cv.notify_all();
     }
 }
@@ -218,12 +216,9 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
     }
     const int32_t rc = req.rc;
     if (rc == 0) return GLM4V_OK;
-    std::string detail = req.error;
-    while (!detail.empty() && (detail.back() == '\n' || detail.back() == ' ')) detail.pop_back();
-    for (auto & ch : detail) {
-        if (ch == '\n') ch = ';';
-    }
-    const std::string suffix = detail.empty() ? "" : " (engine: " + detail + ")";
+    // fail() appends this thread's engine log lines; those of a step run on the engine thread come
+    // with the request.
+    const std::string suffix = m->engine.joinable() ? engine_detail_suffix(req.error) : std::string();
     if (rc == 2 || c->cancel.load()) return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
     if (rc == 1) {
         return fail(c, GLM4V_ERR_CONTEXT_FULL,

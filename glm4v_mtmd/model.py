@@ -30,7 +30,7 @@ from .images import (
     check_limits,
     prepare_image,
 )
-from .types import GenerationConfig, ImageEmbedding, embedding_digest
+from .types import GenerationConfig, ImageEmbedding
 
 if TYPE_CHECKING:
     from .chat import ChatFamily, ChatResult, Message
@@ -336,8 +336,8 @@ class Model:
         if stats is not None:
             stats.preprocess_ms += encoded.preprocess_ms
             stats.encode_ms += encoded.encode_ms
-        emb = ImageEmbedding(encoded.array, encoded.grid, prepared.original_size, prepared.size,
-                             embedding_digest(encoded.array))
+        # The digest is computed from the (read-only) array.
+        emb = ImageEmbedding(encoded.array, encoded.grid, prepared.original_size, prepared.size)
         if key:
             with self._lock:
                 self.image_cache.put(key, emb)
