@@ -231,6 +231,9 @@ glm4v_sampling glm4v_sampling_default(void) {
     s.presence_penalty = 0.0f;
     s.frequency_penalty = 0.0f;
     s.seed = 0;
+    s.bias_tokens = nullptr;
+    s.bias_values = nullptr;
+    s.n_bias = 0;
     return s;
 }
 

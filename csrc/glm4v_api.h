@@ -90,6 +90,11 @@ typedef struct glm4v_sampling {
     float presence_penalty;
     float frequency_penalty;
     uint32_t seed;
+    /* Added to the logits before any other step (OpenAI's logit_bias); -INFINITY bans a token.
+     * n_bias pairs; ids must be in the vocabulary. The arrays are copied by glm4v_gen_begin. */
+    const int32_t *bias_tokens;
+    const float *bias_values;
+    int32_t n_bias;
 } glm4v_sampling;
 
 /* One prompt piece: text tokens, or the embedding of one image (its begin/end tokens are

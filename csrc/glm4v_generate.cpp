@@ -5,6 +5,8 @@
 #include "glm4v_internal.h"
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 #include <cstring>
 
 using namespace glm4v_detail;
@@ -23,11 +25,29 @@ glm4v_status glm4v_gen_begin(glm4v_ctx * s, const glm4v_sampling * sp, const int
         glm4v_call_scope scope(s);
         if (!s->have_logits) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "evaluate a prompt before generating");
         if (max_tokens < 0) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "max_tokens must be >= 0");
-        reset_generation(s);
         const int32_t n_vocab = s->m->n_vocab;
+        if (sp->n_bias < 0 || (sp->n_bias > 0 && (!sp->bias_tokens || !sp->bias_values))) {
+            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "logit bias: n_bias pairs of tokens and values are needed");
+        }
+        std::vector<llama_logit_bias> bias((size_t) sp->n_bias);
+        for (int32_t i = 0; i < sp->n_bias; ++i) {
+            const int32_t tok = sp->bias_tokens[i];
+            const float value = sp->bias_values[i];
+            if (tok < 0 || tok >= n_vocab) {
+                return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "logit bias: token id outside the vocabulary");
+            }
+            if (std::isnan(value) || value == INFINITY) {
+                return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "logit bias: values must be finite or -inf");
+            }
+            bias[(size_t) i] = {tok, value};
+        }
+        reset_generation(s);
         llama_sampler_chain_params cparams = llama_sampler_chain_default_params();
         cparams.no_perf = true;
         llama_sampler * chain = llama_sampler_chain_init(cparams);
+        if (!bias.empty()) {
+            llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(n_vocab, (int32_t) bias.size(), bias.data()));
+        }
         if (sp->repeat_penalty != 1.0f || sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f) {
             const int32_t last_n = sp->repeat_last_n < 0 ? s->m->n_ctx_seq : sp->repeat_last_n;
             llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, last_n, sp->repeat_penalty,

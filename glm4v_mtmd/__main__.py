@@ -1,8 +1,9 @@
-"""The ``glm4v-mtmd`` command line: run, chat, convert, info, selfcheck."""
+"""The ``glm4v-mtmd`` command line: run, chat, serve, convert, info, selfcheck."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import pathlib
 import sys
@@ -10,9 +11,10 @@ from collections.abc import Sequence
 from typing import Any, Optional, TextIO
 
 DIM, RESET = "\033[2m", "\033[0m"
+_FLASH = {"auto": None, "on": True, "off": False}
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_load_args(p: argparse.ArgumentParser) -> None:
     from .hub import DEFAULT_REPO
 
     p.add_argument("-m", "--model", default=DEFAULT_REPO,
@@ -22,6 +24,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=8192, help="context size in KV cells (default 8192)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all available)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
     p.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
     p.add_argument("--seed", type=int, default=None)
@@ -29,18 +35,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
 
 
-def _open_session(args: argparse.Namespace) -> Any:
-    from . import Session
-
-    kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+def _open(cls: Any, args: argparse.Namespace, **extra: Any) -> Any:
+    """A ``Session`` or ``Model`` from ``--model`` (a file, a directory or a hub repo id)."""
+    kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, **extra)
     model = pathlib.Path(args.model)
     if model.is_file():
         mmproj = args.mmproj
         if mmproj is None:
             candidates = sorted(model.parent.glob("mmproj*.gguf"))
             mmproj = str(candidates[0]) if len(candidates) == 1 else None
-        return Session(model, mmproj, **kwargs)
-    return Session.from_pretrained(args.model, quant=args.quant, mmproj=args.mmproj, **kwargs)
+        return cls(model, mmproj, **kwargs)
+    return cls.from_pretrained(args.model, quant=args.quant, mmproj=args.mmproj, **kwargs)
+
+
+def _open_session(args: argparse.Namespace) -> Any:
+    from . import Session
+
+    return _open(Session, args)
 
 
 def _config(args: argparse.Namespace, session: Any) -> Any:
@@ -118,6 +129,60 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from . import Model
+    from .errors import ConfigError
+    from .server import is_loopback, run
+    from .server.protocol import Limits
+
+    keys: list[str] = list(args.api_key or [])
+    if args.api_key_file:
+        try:
+            text = pathlib.Path(args.api_key_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file {args.api_key_file}: {exc.strerror}") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if not keys:
+            raise ConfigError(f"--api-key-file {args.api_key_file} holds no key")
+    if not is_loopback(args.host) and not keys and not args.insecure:
+        raise ConfigError(
+            f"--host {args.host} is reachable from other machines: set --api-key (or --api-key-file), "
+            "or pass --insecure to serve without one"
+        )
+    media = None
+    if args.media_dir:
+        media = pathlib.Path(args.media_dir).resolve()
+        if not media.is_dir():
+            raise ConfigError(f"--media-dir {args.media_dir}: not a directory")
+    for name in ("parallel", "max_queue", "max_images", "max_body_mb", "max_image_mb"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}")
+    from .server.app import ServerOptions
+
+    options = ServerOptions(
+        model_name=args.alias or pathlib.Path(args.model).name or args.model,
+        api_keys=tuple(keys), cors_origins=tuple(args.cors_origin), max_queue=args.max_queue,
+        max_body_bytes=args.max_body_mb << 20,
+        limits=Limits(max_images=args.max_images, max_image_bytes=args.max_image_mb << 20,
+                      max_image_pixels=args.max_image_pixels, media_dir=media),
+        default_thinking=False if args.no_think else None,
+        reasoning_field=args.reasoning_field,
+    )
+    template = None
+    if args.chat_template_file:
+        try:
+            template = pathlib.Path(args.chat_template_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--chat-template-file {args.chat_template_file}: {exc}") from None
+    # Checked before the socket opens, so a bad option never leaves a half-started server.
+    loader = functools.partial(_open, Model, args, n_parallel=args.parallel, chat_template=template,
+                               max_image_pixels=args.max_image_pixels, flash_attn=_FLASH[args.flash_attn])
+    print(f"glm4v-mtmd serve: http://{args.host}:{args.port}/v1 (loading {args.model})", file=sys.stderr)
+    if keys:
+        print("  API key required (Authorization: Bearer ...)", file=sys.stderr)
+    return run(options, loader, host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import engine_info
 
@@ -155,6 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("-i", "--image", action="append", default=[], help="image for the first message")
     chat.set_defaults(func=_cmd_chat)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the [server] extra)")
+    _add_load_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--parallel", type=int, default=4, help="conversations decoded at once (default 4)")
+    serve.add_argument("--api-key", action="append", help="require this key (Bearer); repeatable")
+    serve.add_argument("--api-key-file", help="file with one API key per line")
+    serve.add_argument("--media-dir", help="allow file:// image URLs inside this directory (off by default)")
+    serve.add_argument("--cors-origin", action="append", default=[],
+                       help="allow browser requests from this origin (repeatable; none by default)")
+    serve.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a context (default 16)")
+    serve.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
+    serve.add_argument("--max-image-mb", type=int, default=20, help="bytes per image, in MiB (default 20)")
+    serve.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                       help="pixels per image, checked before decoding (default 50,000,000)")
+    serve.add_argument("--max-body-mb", type=int, default=32, help="request body size, in MiB (default 32)")
+    serve.add_argument("--alias", help="model name in responses and /v1/models (default: the --model name)")
+    serve.add_argument("--no-think", action="store_true",
+                       help="reasoning off unless a request turns it on (GLM-4.5V/4.6V)")
+    serve.add_argument("--reasoning-field", choices=("both", "reasoning_content", "reasoning"), default="both",
+                       help="which field carries the reasoning in replies (default both)")
+    serve.add_argument("--chat-template-file", help="Jinja chat template to use instead of the model's")
+    serve.add_argument("--flash-attn", choices=sorted(_FLASH), default="auto", help="flash attention (default auto)")
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    serve.set_defaults(func=_cmd_serve)
 
     info = sub.add_parser("info", help="engine version and backends, and a model's metadata")
     info.add_argument("model", nargs="?", help="a text-model GGUF to describe")

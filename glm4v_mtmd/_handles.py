@@ -249,12 +249,20 @@ class CtxHandle:
         check(lib.glm4v_get_logits(h, ffi.from_buffer("float[]", out), n_vocab), h, "evaluate")
         return out
 
-    def gen_begin(self, sampling: Sampling, stop_ids: Sequence[int], max_tokens: int) -> None:
+    def gen_begin(self, sampling: Sampling, stop_ids: Sequence[int], max_tokens: int,
+                  logit_bias: Sequence[tuple[int, float]] = ()) -> None:
         h = self.ptr()
         sp = ffi.new("glm4v_sampling *")
         sp[0] = lib.glm4v_sampling_default()
         for name in Sampling.__dataclass_fields__:
             setattr(sp, name, getattr(sampling, name))
+        # Kept alive until glm4v_gen_begin has copied them.
+        bias_tokens = np.asarray([t for t, _ in logit_bias], dtype=np.int32)
+        bias_values = np.asarray([v for _, v in logit_bias], dtype=np.float32)
+        if len(logit_bias):
+            sp.bias_tokens = ffi.from_buffer("int32_t[]", bias_tokens)
+            sp.bias_values = ffi.from_buffer("float[]", bias_values)
+            sp.n_bias = len(logit_bias)
         stops = np.asarray(stop_ids, dtype=np.int32)
         check(lib.glm4v_gen_begin(h, sp, ffi.from_buffer("int32_t[]", stops), len(stops), max_tokens), h, "generate")
 

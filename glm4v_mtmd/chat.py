@@ -285,13 +285,16 @@ class ChatResult:
 class ChatChunk:
     """A piece of a streamed reply; ``kind`` says whether it is reasoning or answer text.
 
-    The last chunk carries ``finish_reason`` and the call's ``timings`` (its image encodes included).
+    The last chunk carries ``finish_reason``, the call's ``timings`` (its image encodes included),
+    its ``usage`` and the answer's grounding ``boxes`` (as :attr:`ChatResult.boxes`).
     """
 
     text: str
     kind: Literal["reasoning", "answer"]
     finish_reason: Optional[FinishReason] = None
     timings: Optional[Timings] = field(default=None, repr=False)
+    usage: Optional[Usage] = field(default=None, repr=False)
+    boxes: tuple[GroundedBox, ...] = field(default=(), repr=False)
 
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -392,19 +395,31 @@ def ground_boxes(answer: str, embeddings: list[ImageEmbedding], box_image: int) 
 
 
 def chat_stream(ctx: ChatBackend, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
-                *, thinking: Optional[bool] = None) -> Iterator[ChatChunk]:
+                *, thinking: Optional[bool] = None, box_image: int = -1) -> Iterator[ChatChunk]:
     """Stream a reply as :class:`ChatChunk` s (see :meth:`Context.chat_stream`)."""
     model = ctx._chat_model()
     stats = CallStats()
-    parts, thinks, _ = build_prompt(model, messages, thinking, stats)
+    parts, thinks, embeddings = build_prompt(model, messages, thinking, stats)
+    if embeddings and not -len(embeddings) <= box_image < len(embeddings):
+        raise ConfigError(f"box_image={box_image}: the conversation has {len(embeddings)} images")
     splitter = OutputSplitter(thinks)
+    answer: list[str] = []
+    n_generated = 0
     for chunk in ctx._chunks(parts, config or model.chat_family.defaults, 1, stats):
+        n_generated += len(chunk.token_ids)
         pieces = splitter.feed(chunk.text, final=chunk.finish_reason is not None)
-        for i, (text, kind) in enumerate(pieces):
-            last = chunk.finish_reason is not None and i == len(pieces) - 1
-            yield ChatChunk(text, kind, chunk.finish_reason if last else None, chunk.timings if last else None)
-        if chunk.finish_reason is not None and not pieces:
-            yield ChatChunk("", splitter.kind, chunk.finish_reason, chunk.timings)
+        answer.extend(text for text, kind in pieces if kind == "answer")
+        if chunk.finish_reason is None:
+            for text, kind in pieces:
+                yield ChatChunk(text, kind)
+            continue
+        assert chunk.timings is not None
+        usage = Usage(chunk.timings.prompt_tokens, n_generated, ctx.n_cells, ctx.last_reused)
+        boxes = ground_boxes("".join(answer).strip(), embeddings, box_image)
+        last_text, last_kind = pieces[-1] if pieces else ("", splitter.kind)
+        for text, kind in pieces[:-1]:
+            yield ChatChunk(text, kind)
+        yield ChatChunk(last_text, last_kind, chunk.finish_reason, chunk.timings, usage, boxes)
 
 
 def chat(ctx: ChatBackend, messages: Sequence[Message], config: Optional[GenerationConfig] = None,

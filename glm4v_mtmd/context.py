@@ -199,6 +199,9 @@ class Context:
     # ----------------------------------------------------------------------------- generation
 
     def _gen_begin(self, parts: Sequence[PromptPart], config: GenerationConfig, stats: CallStats) -> int:
+        bad = [t for t, _ in config.logit_bias if t >= self.model.n_vocab]
+        if bad:
+            raise ConfigError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1})")
         tokens, _ = self._evaluate(parts, stats)
         seed = secrets.randbits(32) if config.seed is None else config.seed
         sampling = Sampling(
@@ -207,7 +210,7 @@ class Context:
             presence_penalty=config.presence_penalty, frequency_penalty=config.frequency_penalty, seed=seed,
         )
         own = () if config.ignore_eos else self.model.stop_ids
-        self._ctx.gen_begin(sampling, own + config.stop_token_ids, config.max_tokens)
+        self._ctx.gen_begin(sampling, own + config.stop_token_ids, config.max_tokens, config.logit_bias)
         return len(tokens)
 
     def _step(self, max_steps: int) -> tuple[bytes, list[int], Optional[FinishReason]]:
@@ -327,9 +330,12 @@ class Context:
         return _chat.chat(self, messages, config, thinking=thinking, box_image=box_image)
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[GenerationConfig] = None, *,
-                    thinking: Optional[bool] = None) -> Iterator[ChatChunk]:
-        """Like :meth:`chat`, yielding :class:`~glm4v_mtmd.chat.ChatChunk` s (reasoning or answer text)."""
-        return _chat.chat_stream(self, messages, config, thinking=thinking)
+                    thinking: Optional[bool] = None, box_image: int = -1) -> Iterator[ChatChunk]:
+        """Like :meth:`chat`, yielding :class:`~glm4v_mtmd.chat.ChatChunk` s (reasoning or answer text).
+
+        The last chunk carries ``finish_reason``, ``timings``, ``usage`` and the answer's ``boxes``.
+        """
+        return _chat.chat_stream(self, messages, config, thinking=thinking, box_image=box_image)
 
     def _chat_model(self) -> Model:
         return self.model

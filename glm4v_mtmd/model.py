@@ -87,6 +87,8 @@ class Model:
         image_cache_mb: size of the LRU cache of image embeddings keyed by image content (0 = off),
             shared by the model's contexts: a conversation re-sends its images every turn, and
             they are encoded once.
+        chat_template: a Jinja chat template used instead of the GGUF's ``tokenizer.chat_template``
+            (for models whose template does not place images); it decides the family's detection too.
 
     Threads: a model may be shared. Its vocabulary calls run in parallel; image encodes take turns
     on the one projector; each :class:`Context` is one conversation, used by one thread at a time.
@@ -110,10 +112,12 @@ class Model:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         image_cache_mb: float = 256,
+        chat_template: Optional[str] = None,
     ) -> None:
         self._handle: Optional[ModelHandle] = None
         self._lock = threading.RLock()  # the image cache, the set of open contexts, closing
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
+        self._encoding: dict[str, threading.Event] = {}  # content keys of the encodes running now
         _check_positive("n_ctx", n_ctx)
         _check_positive("n_parallel", n_parallel)
         if n_parallel > MAX_PARALLEL:
@@ -133,6 +137,9 @@ class Model:
             raise ConfigError(f"kv_cache_type={kv_cache_type!r}: must be one of {', '.join(KV_CACHE_TYPES)}")
         if not isinstance(image_cache_mb, (int, float)) or image_cache_mb < 0:
             raise ConfigError(f"image_cache_mb={image_cache_mb!r}: must be a number >= 0")
+        if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+            raise ConfigError("chat_template must be a non-empty string (the Jinja template's text)")
+        self._chat_template_override = chat_template
 
         self.model_path = os.fspath(model_path)
         self.mmproj_path = os.fspath(mmproj_path) if mmproj_path is not None else None
@@ -324,11 +331,29 @@ class Model:
         # limit of 200 bounds what the 28-px minimum side can add), so the engine never resizes.
         check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
         key = content_key(image, (min_pixels, max_pixels)) if self.image_cache.max_bytes else None
-        if key:
+        if not key:
+            return self._encode_now(image, stats, None, min_pixels, max_pixels, max_image_pixels)
+        # One encode per picture: threads asking for a picture being encoded wait for that encode
+        # and take its result from the cache (if it failed or did not fit, the next one tries).
+        while True:
             with self._lock:
                 cached = self.image_cache.get(key)
-            if cached is not None:
-                return cached
+                if cached is not None:
+                    return cached
+                running = self._encoding.get(key)
+                if running is None:
+                    done = self._encoding[key] = threading.Event()
+                    break
+            running.wait()
+        try:
+            return self._encode_now(image, stats, key, min_pixels, max_pixels, max_image_pixels)
+        finally:
+            with self._lock:
+                del self._encoding[key]
+            done.set()
+
+    def _encode_now(self, image: ImageInput, stats: Optional[CallStats], key: Optional[str], min_pixels: int,
+                    max_pixels: int, max_image_pixels: int) -> ImageEmbedding:
         prepared = prepare_image(image, min_pixels=min_pixels, max_pixels=max_pixels, max_image_pixels=max_image_pixels)
         width, height = prepared.size
         with call_scope():
@@ -347,8 +372,8 @@ class Model:
 
     @functools.cached_property
     def chat_template(self) -> Optional[str]:
-        """The model's Jinja chat template from its GGUF metadata, if any."""
-        return self.metadata("tokenizer.chat_template")
+        """The Jinja chat template: the one given to the constructor, else the GGUF's, if any."""
+        return self._chat_template_override or self.metadata("tokenizer.chat_template")
 
     @functools.cached_property
     def chat_family(self) -> ChatFamily:

@@ -156,9 +156,9 @@ class Session:
         return self.context.chat(messages, config, thinking=thinking, box_image=box_image)
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[GenerationConfig] = None, *,
-                    thinking: Optional[bool] = None) -> Iterator[ChatChunk]:
+                    thinking: Optional[bool] = None, box_image: int = -1) -> Iterator[ChatChunk]:
         """See :meth:`Context.chat_stream`."""
-        return self.context.chat_stream(messages, config, thinking=thinking)
+        return self.context.chat_stream(messages, config, thinking=thinking, box_image=box_image)
 
     def reset(self) -> None:
         """Empty the KV cache."""

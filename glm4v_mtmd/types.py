@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -40,6 +40,8 @@ class GenerationConfig:
             ``stop_token_ids`` still apply.
         stop: strings that end the generation; the text is cut before the first one found
             (``finish_reason`` "stop"). Streaming holds back text that may begin one.
+        logit_bias: ``{token_id: bias}`` added to the logits before sampling (OpenAI's
+            ``logit_bias``); ``-math.inf`` bans a token. Stored as sorted ``(id, bias)`` pairs.
     """
 
     max_tokens: int = 512
@@ -55,6 +57,7 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ConfigError:
@@ -86,6 +89,24 @@ class GenerationConfig:
         if not all(isinstance(s, str) and s for s in stops):
             raise bad("stop", "must be non-empty strings")
         object.__setattr__(self, "stop", stops)
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+
+
+def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted (token id, bias) pairs; ids >= 0, biases finite or -inf."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(t, b) for t, b in items]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ConfigError(f"GenerationConfig.logit_bias={value!r}: must be a {{token_id: bias}} mapping") from None
+    out: dict[int, float] = {}
+    for token, bias in pairs:
+        if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or token < 0:
+            raise ConfigError(f"GenerationConfig.logit_bias: token id {token!r} must be an integer >= 0")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias) or bias == math.inf:
+            raise ConfigError(f"GenerationConfig.logit_bias[{token}]={bias!r}: must be a finite number or -inf")
+        out[int(token)] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 def embedding_digest(array: np.ndarray) -> str:

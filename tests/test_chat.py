@@ -180,6 +180,10 @@ def test_stream_and_chat_give_the_same_text(session):
     assert "".join(c.text for c in chunks if c.kind == "reasoning").strip() == full.reasoning
     assert "".join(c.text for c in chunks if c.kind == "answer").strip() == full.answer
     assert chunks[-1].finish_reason == "length"
+    # The last chunk carries what ChatResult does: usage (a fresh context: nothing reused) and boxes.
+    assert chunks[-1].usage == full.usage
+    assert chunks[-1].boxes == full.boxes
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_second_turn_evaluates_only_new_tokens(session):
@@ -235,3 +239,20 @@ def test_boxes_are_mapped_to_the_most_recent_image():
     with pytest.raises(ConfigError, match="box_image"):
         ground_boxes(answer, [_emb(640, 480)], 3)
     assert ground_boxes(answer, [], -1)[0].pixels is None
+
+
+def test_a_chat_template_given_to_the_model_replaces_the_ggufs(gguf_pair):
+    from glm4v_mtmd import Model
+
+    template = ("[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n{% if m.content is string %}{{ m.content }}"
+                "{% else %}{% for p in m.content %}{% if p.type == 'image' %}<|begin_of_image|><|image|>"
+                "<|end_of_image|>{% else %}{{ p.text }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+                "<|assistant|>\nOVERRIDE")
+    with Model(*gguf_pair("glm4v", 0, "f32"), n_ctx=256, n_threads=1, chat_template=template) as m:
+        assert m.chat_template == template
+        with m.context() as ctx:
+            result = ctx.chat([{"role": "user", "content": [{"type": "image", "image": random_image(56, 56)},
+                                                            {"type": "text", "text": "Hi"}]}], GREEDY)
+            text = len(m.tokenize("[gMASK]<sop><|user|>\n")) + len(m.tokenize("Hi<|assistant|>\nOVERRIDE"))
+            image = m.encode_image(random_image(56, 56)).n_tokens  # after the reference's min_pixels upscale
+            assert result.usage.prompt_tokens == text + 2 + image

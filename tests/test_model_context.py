@@ -305,3 +305,40 @@ def test_the_image_cache_is_consistent_under_concurrent_encodes(pair):
         assert m.image_cache.size_bytes == sum(e.nbytes for e in expected)
     for i, arr in enumerate(got):
         np.testing.assert_array_equal(arr, expected[i % 4])
+
+
+def test_a_picture_asked_for_by_several_threads_at_once_is_encoded_once(pair):
+    from glm4v_mtmd._prompt import CallStats
+
+    image = random_image(112, 140, seed=50)
+    with Model(*pair, n_ctx=128, n_parallel=1, n_threads=1) as m:
+        stats = [CallStats() for _ in range(4)]
+        got = _run_together([lambda i=i: m._encode(image, stats[i]) for i in range(4)])
+        assert sum(s.encode_ms > 0 for s in stats) == 1
+        assert all(g is got[0] for g in got)
+        # With the cache off every request encodes (nothing to share through).
+    with Model(*pair, n_ctx=128, n_parallel=1, n_threads=1, image_cache_mb=0) as m:
+        stats = [CallStats() for _ in range(2)]
+        _run_together([lambda i=i: m._encode(image, stats[i]) for i in range(2)])
+        assert all(s.encode_ms > 0 for s in stats)
+
+
+def test_logit_bias_bans_and_forces_tokens(model):
+    ctx = model.context()
+    try:
+        plain = ctx.generate(PROMPT, GREEDY)
+        banned = dict.fromkeys(plain.token_ids, -np.inf)
+        other = ctx.generate(PROMPT, GenerationConfig(**{**GREEDY.__dict__, "logit_bias": banned}))
+        assert not set(other.token_ids) & set(banned)
+        forced = ctx.generate(PROMPT, GenerationConfig(**{**GREEDY.__dict__, "logit_bias": {7: 100.0}}))
+        assert forced.token_ids == (7,) * GREEDY.max_tokens
+        with pytest.raises(ConfigError, match="outside the vocabulary"):
+            ctx.generate(PROMPT, GenerationConfig(**{**GREEDY.__dict__, "logit_bias": {model.n_vocab: 1.0}}))
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {1: float("nan")}, {1: float("inf")}, {1: "x"}, {True: 1.0}, "x"])
+def test_bad_logit_bias_raises_config_error(bias):
+    with pytest.raises(ConfigError, match="logit_bias"):
+        GenerationConfig(logit_bias=bias)
