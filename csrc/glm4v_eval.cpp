@@ -254,9 +254,14 @@ glm4v_status glm4v_encode_image(glm4v_model * m, const uint8_t * rgb, int32_t wi
         const mtmd_image_tokens * it = mtmd_input_chunk_get_tokens_image(chunk);
         const int32_t n_tokens = (int32_t) mtmd_image_tokens_get_n_tokens(it);
         const mtmd_decoder_pos last = mtmd_image_tokens_get_decoder_pos(it, 0, (size_t) n_tokens - 1);
-        const double t1 = now_ms();
-        rc = mtmd_encode_chunk(m->mctx, chunk);
-        const double t2 = now_ms();
+        // On the engine thread, between decode steps of the model's other contexts.
+        const double t_pre = now_ms();
+        double t1 = 0.0, t2 = 0.0;
+        run_on_engine(m, [&] {
+            t1 = now_ms();
+            rc = mtmd_encode_chunk(m->mctx, chunk);
+            t2 = now_ms();
+        });
         if (rc != 0) {
             cleanup();
             return fail(s, GLM4V_ERR_IMAGE, fmt("image encoding failed (code %d)", rc));
@@ -274,7 +279,7 @@ glm4v_status glm4v_encode_image(glm4v_model * m, const uint8_t * rgb, int32_t wi
         }
         img->data.assign(embd, embd + (size_t) n_tokens * (size_t) img->n_embd);
         cleanup();
-        img->t_preprocess_ms = t1 - t0;
+        img->t_preprocess_ms = t_pre - t0;
         img->t_encode_ms = t2 - t1;
         *out = img;
         return GLM4V_OK;

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -95,6 +96,9 @@ struct glm4v_scheduler {
     int64_t n_steps = 0;      // engine steps run, and the requests they served
     int64_t n_served = 0;
     std::vector<glm4v_request *> step;  // the requests of the running step (abort callback)
+    // Other engine work to run on the engine thread, between steps (image encodes): one thread,
+    // one OpenMP team, never two computations contending for the cores.
+    std::deque<std::function<void()> *> tasks;
 };
 
 namespace glm4v_detail {
@@ -205,6 +209,8 @@ void set_gen_active(glm4v_ctx * c, bool active);
 void model_steps(glm4v_model * m, int64_t * steps, int64_t * requests);
 // The model's engine thread (started once its context exists; stopped before it is freed).
 void start_engine(glm4v_model * m);
+// Run fn on the model's engine thread between steps and wait for it (inline when there is none).
+void run_on_engine(glm4v_model * m, const std::function<void()> & fn);
 void stop_engine(glm4v_model * m);
 // The engine's abort callback: stop a step only when every context in it is cancelled.
 bool step_abort(void * model);
