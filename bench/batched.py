@@ -55,11 +55,9 @@ def _engine_pin() -> tuple[str, str]:
     return f"llama_cpp_python-{version}.tar.gz", sha
 
 
-def batched_bench_sources(out: pathlib.Path) -> pathlib.Path:
-    """tools/batched-bench's sources from the pinned source distribution (the build's download, or pip's)."""
+def pinned_sdist() -> pathlib.Path:
+    """The pinned engine source distribution (the build's download, or pip's), its sha256 checked."""
     name, sha = _engine_pin()
-    if (out / "batched-bench.cpp").exists():
-        return out
     source_dir = pathlib.Path(glm4v_mtmd.engine_info()["source_dir"])
     sdist = source_dir.parent.parent / "downloads" / name
     if not sdist.exists():
@@ -70,6 +68,15 @@ def batched_bench_sources(out: pathlib.Path) -> pathlib.Path:
         sdist = dl / name
     if hashlib.sha256(sdist.read_bytes()).hexdigest() != sha:
         raise RuntimeError(f"{sdist} does not have the pinned sha256 {sha}")
+    return sdist
+
+
+def batched_bench_sources(out: pathlib.Path) -> pathlib.Path:
+    """tools/batched-bench's sources from the pinned source distribution."""
+    if (out / "batched-bench.cpp").exists():
+        return out
+    sdist = pinned_sdist()
+    name = sdist.name
     prefix = f"{name.removesuffix('.tar.gz')}/vendor/llama.cpp/tools/batched-bench/"
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(sdist) as tar:

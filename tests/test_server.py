@@ -620,3 +620,57 @@ def test_random_array_image_is_accepted(server: Server) -> None:
     url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
     status, body, _ = server.post({"messages": [user("Wide", url)], "max_tokens": 2})
     assert status == 200, body
+
+
+def test_stop_strings_and_seeds(server: Server) -> None:
+    messages = [user("Tell me more.")]
+    status, plain, _ = server.post({"messages": messages, "max_tokens": 24, **GREEDY, "ignore_eos": True})
+    text = plain["choices"][0]["message"]["content"]
+    stop = text[8:11]
+    status, cut, _ = server.post({"messages": messages, "max_tokens": 24, **GREEDY, "ignore_eos": True,
+                                  "stop": ["never-there", stop]})
+    assert status == 200
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["choices"][0]["message"]["content"] == text[:text.index(stop)].strip()
+    sampled = [server.post({"messages": messages, "max_tokens": 16, "temperature": 1.5, "top_k": 0, "top_p": 1.0,
+                            "seed": seed, "ignore_eos": True})[1]["choices"][0]["message"]["content"]
+               for seed in (5, 5, 6)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_health_is_503_while_the_model_loads(tiny_f16: Any) -> None:
+    release = threading.Event()
+
+    def slow_load() -> Model:
+        release.wait(60)
+        return Model(*tiny_f16, n_ctx=512, n_parallel=1, n_threads=1)
+
+    state = ServerState(ServerOptions(model_name="tiny"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state, slow_load), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 503 and json.loads(resp.read())["error"]["message"] == "Loading model"
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=2)
+        assert info.value.status_code == 503
+        release.set()
+        deadline = time.monotonic() + 60
+        while state.model is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=2).choices
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)

@@ -336,7 +336,9 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
     async def _sse(job: Job, req: ChatRequest, first: Any, events: AsyncIterator[Any],
                    watcher: asyncio.Future[None]) -> AsyncIterator[bytes]:
         cid, created = completion_id(), now()
-        watcher.add_done_callback(lambda _f: job.cancel())  # a client gone mid-stream stops the generation
+        # A client gone mid-stream stops the generation (the watcher ends; cancelling it at the end does not).
+        watcher.add_done_callback(lambda f: None if f.cancelled() else job.cancel())
+        completed = False
 
         def frame(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": opts.model_name,
@@ -373,11 +375,14 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
             else:
                 yield frame([delta(final, finish_reason(chunk.finish_reason))], timings=timings)
             yield b"data: [DONE]\n\n"
+            completed = True
         except RequestError as exc:
+            completed = True
             yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
         finally:
             watcher.cancel()
-            job.cancel()  # no-op once finished; stops the generation when the stream is abandoned
+            if not completed:  # the stream was abandoned (the client left): stop the generation
+                job.cancel()
 
     routes = [
         Route("/health", health, methods=["GET"]),

@@ -47,13 +47,21 @@ class Job:
         self.images_encoded = 0
         self.cancelled = threading.Event()
         self.finish: Optional[str] = None
+        self._lock = threading.Lock()
+        self._finished = False  # the context is no longer this job's (it may serve the next request)
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
 
     def cancel(self) -> None:
-        """Stop the generation (from any thread): at its next token, or its next prompt batch."""
-        self.cancelled.set()
-        self.context.cancel()
+        """Stop the generation (from any thread): at its next token, or its next prompt batch.
+
+        A no-op once the job has finished: its context may already serve another request.
+        """
+        with self._lock:
+            if self._finished:
+                return
+            self.cancelled.set()
+            self.context.cancel()
 
     def _emit(self, kind: str, value: Any) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
@@ -104,6 +112,8 @@ class Job:
                 self.finish = "cancelled"
             self._emit("error", exc)
         finally:
+            with self._lock:
+                self._finished = True
             on_done()
             self._emit("end", None)
 
