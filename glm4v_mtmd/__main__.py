@@ -20,7 +20,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_REPO,
                    help=f"text-model GGUF, a directory or a hub repo id holding the pair (default {DEFAULT_REPO})")
     p.add_argument("--mmproj", help="projector GGUF (default: the mmproj*.gguf next to the model / in the repo)")
-    p.add_argument("-q", "--quant", default="Q4_K_M", help="quantization to pick from a directory or repo")
+    p.add_argument("-q", "--quant", default=None,
+                   help="quantization to pick where a directory or repo holds several (default: the only one, "
+                        "else Q4_K_M)")
     p.add_argument("--n-ctx", type=int, default=8192, help="context size in KV cells (default 8192)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all available)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
@@ -98,11 +100,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = """Commands:
+  /image PATH   attach a picture to your next message (repeatable)
+  /reset        start a new conversation
+  /help         this list
+  /quit         end (also Ctrl-D)
+A line starting with // is sent as text with one / removed."""
+
+
+def _attach(session: Any, path: str, out: TextIO) -> Optional[str]:
+    """Encode a picture for the next message and say what it is; its path, or None (with the reason)."""
+    from .errors import Glm4vError
+
+    file = pathlib.Path(path).expanduser()
+    if not path:
+        print("usage: /image PATH", file=out)
+        return None
+    if not file.is_file():
+        print(f"no such file: {path}", file=out)
+        return None
+    try:
+        emb = session.model.encode_image(file)  # cached: the next message does not encode it again
+    except Glm4vError as exc:
+        print(f"cannot attach {file.name}: {exc}", file=out)
+        return None
+    width, height = emb.original_size
+    print(f"attached {file.name} ({width}x{height} pixels, {emb.n_tokens} image tokens)", file=out)
+    return str(file)
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict] = []
-    pending: list[str] = list(args.image)
-    print("Type a message; /image PATH attaches a picture, /reset clears, /quit ends.", file=sys.stderr)
+    pending: list[str] = []
     with _open_session(args) as session:
+        print(f"Model loaded ({pathlib.Path(session.model_path).name}). Type a message; /image PATH attaches a "
+              "picture, /help lists the commands.", file=sys.stderr)
+        pending = [f for f in (_attach(session, p, sys.stderr) for p in args.image) if f]
         while True:
             try:
                 line = input("> ").strip()
@@ -110,18 +143,24 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 break
             if not line:
                 continue
-            if line in ("/quit", "/exit"):
-                break
-            if line == "/reset":
-                messages, pending = [], []
-                continue
-            if line.startswith("/image "):
-                path = line[len("/image "):].strip()
-                if not pathlib.Path(path).is_file():
-                    print(f"no such file: {path}", file=sys.stderr)
+            if line.startswith("/") and not line.startswith("//"):
+                command, _, rest = line.partition(" ")
+                if command in ("/quit", "/exit"):
+                    break
+                if command == "/reset":
+                    messages, pending = [], []
+                    print("new conversation", file=sys.stderr)
+                elif command == "/image":
+                    attached = _attach(session, rest.strip(), sys.stderr)
+                    if attached:
+                        pending.append(attached)
+                elif command == "/help":
+                    print(CHAT_HELP, file=sys.stderr)
                 else:
-                    pending.append(path)
+                    print(f"unknown command {command}; /help lists the commands", file=sys.stderr)
                 continue
+            if line.startswith("//"):
+                line = line[1:]
             messages.append(_user_message(line, pending))
             pending = []
             answer = _print_reply(session, messages, args, sys.stdout)
@@ -264,6 +303,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``glm4v-mtmd`` (and ``python -m glm4v_mtmd``)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    # huggingface_hub reports its own problems (to stderr when it has no handler): not a second time
+    # through ours.
+    logging.getLogger("huggingface_hub").propagate = False
     from .errors import Glm4vError
 
     try:

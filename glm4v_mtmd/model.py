@@ -446,7 +446,7 @@ class Model:
     def from_pretrained(
         cls,
         repo_id_or_dir: Union[str, os.PathLike],
-        quant: str = "Q4_K_M",
+        quant: Optional[str] = None,
         mmproj: Optional[str] = None,
         revision: Optional[str] = None,
         cache_dir: Union[str, os.PathLike, None] = None,
@@ -455,10 +455,12 @@ class Model:
     ) -> Model:
         """Open the GGUF pair of a hub repository or a local directory.
 
-        The text model is chosen by ``quant`` (the label in its file name, e.g. ``Q4_K_M``) and the
-        projector is the ``mmproj*.gguf`` file (``mmproj`` names one; among several, the precision
-        this CPU runs fastest is taken: :func:`glm4v_mtmd.hub.projector_preference`). Remaining
-        keyword arguments go to the constructor. Needs ``huggingface_hub`` for repository ids.
+        The text model is the only one there is, or, among several, the one ``quant`` names (the
+        label in its file name, e.g. ``Q8_0``; ``Q4_K_M`` when not given). The projector is the
+        ``mmproj*.gguf`` file (``mmproj`` names one; among several, the precision this CPU runs
+        fastest is taken: :func:`glm4v_mtmd.hub.projector_preference`). Remaining keyword
+        arguments go to the constructor. Needs ``huggingface_hub`` for repository ids; when the hub
+        cannot be reached, a cached snapshot is used (:func:`glm4v_mtmd.hub.resolve_pair`).
         """
         from .hub import resolve_pair
 

@@ -199,7 +199,7 @@ class Session:
     def from_pretrained(
         cls,
         repo_id_or_dir: Union[str, os.PathLike],
-        quant: str = "Q4_K_M",
+        quant: Optional[str] = None,
         mmproj: Optional[str] = None,
         revision: Optional[str] = None,
         cache_dir: Union[str, os.PathLike, None] = None,
