@@ -569,16 +569,17 @@ def test_max_tokens_must_fit_the_context(server: Server) -> None:
 # ------------------------------------------------------------------------------------- the command line
 
 
-def test_serve_command(tiny_f16: Any) -> None:
+def test_serve_command(tiny_f16: Any, tmp_path: pathlib.Path) -> None:
     text, proj = tiny_f16
+    # cwd outside the source tree, so the installed package (with its compiled module) is imported
     refused = subprocess.run([sys.executable, "-m", "glm4v_mtmd", "serve", "-m", str(text), "--host", "0.0.0.0"],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert refused.returncode == 1 and "--api-key" in refused.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "glm4v_mtmd", "serve", "-m", str(text), "--port", str(port),
-                             "--n-ctx", "1024", "--parallel", "2"], stderr=subprocess.PIPE, text=True)
+                             "--n-ctx", "1024", "--parallel", "2"], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -608,7 +609,7 @@ def test_serve_command_reports_a_model_that_does_not_load(tmp_path: pathlib.Path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = subprocess.run([sys.executable, "-m", "glm4v_mtmd", "serve", "-m", str(bad), "--port", str(port)],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 1
     assert "failed to load" in result.stderr
 
