@@ -81,7 +81,8 @@ _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, name, n_dims, one
 
 
 class GGUFArray(NamedTuple):
-    """A metadata array: element type, length, and the values when short (<= 16 numbers)."""
+    """A metadata array: element type, length, and the values when short enough to matter (<= 4096
+    numbers: per-layer arrays are at most LLAMA_MAX_LAYERS = 512 long, and the engine refuses others)."""
 
     etype: int
     count: int
@@ -89,7 +90,7 @@ class GGUFArray(NamedTuple):
 
 
 def _small_array(f: BinaryIO, start: int, etype: int, count: int) -> Optional[tuple[Union[int, float, bool], ...]]:
-    if etype not in _SCALAR or count > 16:
+    if etype not in _SCALAR or count > 4096:
         return None
     end = f.tell()
     fmt = "<" + _SCALAR[etype] * count

@@ -3,17 +3,22 @@
 llama.cpp validates much of a file itself and throws (which the C API turns into an error), but some
 checks are assertions that abort the process. Found by fuzzing (tests/test_fuzz_gguf.py), each guarded here:
 
-- text model: hyper-parameters asserted in ``llama_model::load_hparams`` (layer and expert counts),
+- text model: every key ``load_hparams`` reads for glm4 / glm4moe has a rule (:data:`TEXT_KEY_RULES`,
+  derived from the engine's uses of it, not from crashes; a test re-derives the key set from the engine
+  source): counts the engine asserts on, the norm epsilon and rope dimensions the ggml kernels assert
+  on (or loop forever on), per-layer head and expert counts that must agree, enums the graph aborts on;
   tensor types the graph cannot compute with (an integer-typed norm weight), a vocabulary with a
   repeated token (checked while parsing, in ``_gguf_probe``), M-RoPE sections missing while a projector
   is loaded (``GGML_ABORT("This GGUF does not support multimodal")`` at the first image);
 - projector: clip looks tensors up by name but never compares their shapes or types with the
   hyper-parameters, and reads scalar keys with getters that assert their type; every tensor the GLM4V
-  graph uses is checked against the shape the metadata implies and every key clip reads against its type.
+  graph uses is checked against the shape the metadata implies, every key clip reads against its type,
+  and the norm epsilon as for the text model.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional
 
@@ -64,37 +69,178 @@ _REQUIRED = ("v.patch_embd.weight", "v.patch_embd.weight.1", "v.patch_embd.bias"
 
 LLAMA_MAX_LAYERS = 512  # llama-hparams.h
 LLAMA_MAX_EXPERTS = 1024
+#: llama-model.cpp LLAMA_ROPE_SCALING_TYPES (any other name is an assertion at load).
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+#: llama-hparams.h llama_expert_gating_func_type (any other value aborts when the graph is built).
+EXPERT_GATING_FUNCS = range(0, 5)
+_INT32 = 5  # GGUF element type: the engine copies INT32 per-layer values into uint32
+
+#: Every metadata key llama.cpp's ``load_hparams`` reads for the GLM-4.xV text models (the common part
+#: and the glm4 / glm4moe parts), by its name after the architecture prefix, with the rule checked here
+#: before the engine sees the file. ``engine``: the engine refuses a bad value itself with an error (a
+#: tensor shape that no longer matches, an array of the wrong length, a key of the wrong type);
+#: ``unused``: read, but used by no code path of these architectures as the package runs them (pooling
+#: and classifier heads, sliding-window attention, other models' rope variants). The rules come from
+#: the uses in the pinned engine (the glm4 / glm4-moe graph builders, llama-graph.cpp, the KV cache and
+#: the ggml-cpu kernels); tests/test_fuzz_gguf.py re-derives the set of keys from the engine source.
+TEXT_KEY_RULES: dict[str, str] = {
+    "context_length": "positive",
+    "embedding_length": "positive",
+    "embedding_length_out": "unused",
+    "attention.causal": "true",
+    "pooling_type": "unused",
+    "classifier.pooling_type": "unused",
+    "classifier.output_labels": "unused",
+    "block_count": "layers",
+    "nextn_predict_layers": "layers",
+    "expert_count": "experts",
+    "expert_used_count": "experts",
+    "expert_group_count": "experts",
+    "expert_group_used_count": "experts",
+    "feed_forward_length": "engine",
+    "attention.head_count": "heads",
+    "attention.head_count_kv": "kv-heads",
+    "attention.key_length": "head-size",
+    "attention.value_length": "head-size",
+    "attention.key_length_swa": "unused",
+    "attention.value_length_swa": "unused",
+    "attention.layer_norm_rms_epsilon": "epsilon",
+    "rope.dimension_count": "n-rot",
+    "rope.dimension_count_swa": "unused",
+    "rope.dimension_sections": "sections",
+    "rope.freq_base": "finite-positive",
+    "rope.scaling.type": "rope-scaling",
+    "rope.scaling.factor": "finite-non-negative",
+    "rope.scale_linear": "finite-non-negative",
+    "rope.scaling.attn_factor": "finite",
+    "rope.scaling.alpha": "unused",
+    "rope.scaling.finetuned": "unused",
+    "rope.scaling.original_context_length": "engine",
+}
+#: The keys only the glm4moe part reads.
+MOE_KEY_RULES: dict[str, str] = {
+    "expert_feed_forward_length": "engine",
+    "expert_shared_count": "engine",
+    "leading_dense_block_count": "engine",
+    "expert_weights_scale": "finite",
+    "expert_weights_norm": "engine",
+    "expert_gating_func": "gating",
+}
+#: What each rule means, as the error message says it.
+RULE_TEXT = {
+    "positive": "must be a positive integer",
+    "true": "must be true: the engine's batches assume causal attention",
+    "layers": f"1..{LLAMA_MAX_LAYERS} layers, nextn_predict_layers at most block_count",
+    "experts": "expert counts the engine accepts (used 1..count, groups dividing the count)",
+    "heads": "must be positive and the same for every layer",
+    "kv-heads": "must be positive, the same for every layer, and divide attention.head_count",
+    "head-size": "must be positive, with attention.key_length equal to attention.value_length",
+    "epsilon": "must be a finite number >= 0",
+    "n-rot": "must be even and within 2..the attention head size",
+    "sections": "M-RoPE sections must be >= 0 and fit the rotated dimensions",
+    "finite-positive": "must be a finite number > 0",
+    "finite-non-negative": "must be a finite number >= 0",
+    "finite": "must be a finite number",
+    "rope-scaling": f"must be one of {', '.join(ROPE_SCALING_TYPES)}",
+    "gating": f"must be one of {', '.join(map(str, EXPERT_GATING_FUNCS))}",
+}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def check_text_model(header: Header, arch: str, *, with_projector: bool) -> None:
-    """Raise ModelLoadError for a text-model GGUF llama.cpp would abort on (see the module docstring)."""
+    """Raise ModelLoadError for a text-model GGUF llama.cpp would abort or hang on (:data:`TEXT_KEY_RULES`)."""
     path, meta = header.path, header.metadata
+    rules = {**TEXT_KEY_RULES, **(MOE_KEY_RULES if arch == "glm4moe" else {})}
 
-    def number(key: str, default: int = 0) -> int:
-        value = meta.get(f"{arch}.{key}", default)
-        if isinstance(value, GGUFArray):  # a per-layer array: its largest value decides
-            value = max(value.values) if value.values else default
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ModelLoadError(f"'{path}' is corrupt ({arch}.{key}={value!r})")
-        return value
+    def bad(suffix: str, value: object, rule: Optional[str] = None) -> ModelLoadError:
+        shown = list(value.values or ()) if isinstance(value, GGUFArray) else value
+        text = RULE_TEXT[rule or rules[suffix]]
+        return ModelLoadError(f"'{path}' is corrupt: {arch}.{suffix} = {shown!r} ({text})")
+
+    def values(suffix: str, default: int = 0) -> list[int]:
+        """The key's integers as the engine reads them: a scalar, or every element of a per-layer array."""
+        value = meta.get(f"{arch}.{suffix}", default)
+        if isinstance(value, GGUFArray):
+            if value.values is None or not all(_is_int(v) for v in value.values):
+                return [default]  # not an integer array, or too long for a per-layer one: the engine refuses it
+            return [v % (1 << 32) if value.etype == _INT32 else v for v in value.values] or [default]
+        if not _is_int(value):
+            raise bad(suffix, value, "positive")
+        return [value]
+
+    def number(suffix: str, default: int = 0) -> int:
+        return max(values(suffix, default))
+
+    for key in ("context_length", "embedding_length"):
+        if f"{arch}.{key}" in meta and number(key) <= 0:
+            raise bad(key, meta[f"{arch}.{key}"])
+    if meta.get(f"{arch}.attention.causal", True) is not True:
+        raise bad("attention.causal", meta[f"{arch}.attention.causal"])
 
     n_layer = number("block_count")
     if not 0 < n_layer <= LLAMA_MAX_LAYERS:
         raise ModelLoadError(f"'{path}' is corrupt ({arch}.block_count={n_layer}, must be 1..{LLAMA_MAX_LAYERS})")
     if not 0 <= number("nextn_predict_layers") <= n_layer:
         raise ModelLoadError(f"'{path}' is corrupt ({arch}.nextn_predict_layers is larger than block_count)")
-    n_expert, n_used = number("expert_count"), number("expert_used_count")
+    used = values("expert_used_count")
+    n_expert, n_used = number("expert_count"), max(used)
     groups, groups_used = number("expert_group_count"), number("expert_group_used_count")
     if n_expert > 0:
-        ok = (n_expert <= LLAMA_MAX_EXPERTS and 0 < n_used <= n_expert and 0 <= groups < n_expert
-              and (groups <= 1 or (n_expert % groups == 0 and 0 < groups_used < groups)))
+        # Each layer's own value sizes its expert views (llama-graph.cpp build_moe_ffn), the first one
+        # the top-k: they must agree.
+        ok = (n_expert <= LLAMA_MAX_EXPERTS and 0 < n_used <= n_expert and len(set(used)) == 1
+              and 0 <= groups < n_expert and (groups <= 1 or (n_expert % groups == 0 and 0 < groups_used < groups)))
     else:
         ok = arch != "glm4moe" and n_used == 0 and groups == 0
     if not ok:
         raise ModelLoadError(
-            f"'{path}' is corrupt (experts: count {n_expert}, used {n_used}, groups {groups}, "
-            f"groups used {groups_used})"
+            f"'{path}' is corrupt (experts: count {n_expert}, used {used if len(set(used)) > 1 else n_used}, "
+            f"groups {groups}, groups used {groups_used}; {RULE_TEXT['experts']})"
         )
+
+    # Attention shape: element 0 of the per-layer head counts sizes the tensors and the graph, each layer's
+    # own value its KV cache.
+    heads, kv_heads = values("attention.head_count"), values("attention.head_count_kv", -1)
+    if len(set(heads)) != 1 or heads[0] <= 0:
+        raise bad("attention.head_count", meta.get(f"{arch}.attention.head_count"))
+    if kv_heads == [-1]:
+        kv_heads = heads
+    if len(set(kv_heads)) != 1 or kv_heads[0] <= 0 or heads[0] % kv_heads[0]:
+        raise bad("attention.head_count_kv", meta.get(f"{arch}.attention.head_count_kv"))
+    n_embd = number("embedding_length")
+    key_len = number("attention.key_length", n_embd // heads[0])
+    value_len = number("attention.value_length", n_embd // heads[0])
+    if key_len <= 0 or key_len != value_len:
+        raise bad("attention.key_length", {"key_length": key_len, "value_length": value_len})
+    # rope: n_dims odd or above the head size trips ggml's asserts; 0 or >= 2^31 (negative as the int
+    # the kernels take) passes them and then never leaves the loop that fills the unrotated channels.
+    n_rot = number("rope.dimension_count", key_len)
+    if n_rot % 2 or not 2 <= n_rot <= key_len:
+        raise bad("rope.dimension_count", n_rot)
+    eps = meta.get(f"{arch}.attention.layer_norm_rms_epsilon")
+    if eps is not None and _is_number(eps) and not (math.isfinite(eps) and eps >= 0):
+        raise bad("attention.layer_norm_rms_epsilon", eps)
+    for suffix, rule in rules.items():
+        value = meta.get(f"{arch}.{suffix}")
+        if value is None or rule not in ("finite", "finite-positive", "finite-non-negative") or not _is_number(value):
+            continue
+        if (not math.isfinite(value) or (rule == "finite-positive" and value <= 0)
+                or (rule == "finite-non-negative" and value < 0)):
+            raise bad(suffix, value)
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if isinstance(scaling, str) and scaling not in ROPE_SCALING_TYPES:
+        raise bad("rope.scaling.type", scaling)
+    gating = meta.get(f"{arch}.expert_gating_func")
+    if arch == "glm4moe" and _is_int(gating) and gating not in EXPERT_GATING_FUNCS:
+        raise bad("expert_gating_func", gating)
+
     for t in header.tensors.values():
         # Converters and llama-quantize keep every 1-D tensor (norms, biases) in F32.
         if t.ggml_type not in ((GGML_F32,) if len(t.shape) == 1 else MATRIX_TYPES):
@@ -103,14 +249,16 @@ def check_text_model(header: Header, arch: str, *, with_projector: bool) -> None
                 "it cannot have"
             )
     entry = meta.get(f"{arch}.rope.dimension_sections")
-    sections = list(entry.values or ()) if isinstance(entry, GGUFArray) else []
+    if isinstance(entry, GGUFArray):
+        sections = list(entry.values or ())
+    else:  # a scalar fills all four sections (get_key_or_arr)
+        sections = [entry] * 4 if _is_int(entry) else []
     if sections:
-        # ggml_mrope_cache_init asserts that the sections fit in the rotated dimensions.
-        head = number("embedding_length") // max(1, number("attention.head_count", 1))
-        n_rot = number("rope.dimension_count", head)
-        if any(v < 0 for v in sections) or sum(sections[:4]) > n_rot:
+        # ggml_mrope_cache_init asserts that the sections fit in the rotated dimensions, and takes
+        # positions modulo their sum.
+        if not all(_is_int(v) and v >= 0 for v in sections) or sum(sections[:4]) > n_rot:
             raise ModelLoadError(
-                f"'{path}' is corrupt ({arch}.rope.dimension_sections {sections} do not fit "
+                f"'{path}' is corrupt: {arch}.rope.dimension_sections = {sections} ({RULE_TEXT['sections']}: "
                 f"{n_rot} rotated dimensions)"
             )
     if with_projector and not (len(sections) >= 2 and sections[0] > 0 and sections[1] > 0):
@@ -136,6 +284,12 @@ def check_glm4v_mmproj(header: Header) -> None:
             raise ModelLoadError(
                 f"'{path}' is corrupt: metadata key '{key}' has GGUF type {vtype}, expected {CLIP_KEY_TYPES[key]}"
             )
+    eps = meta.get("clip.vision.attention.layer_norm_epsilon")
+    if isinstance(eps, float) and not (math.isfinite(eps) and eps >= 0):
+        # ggml_norm / ggml_rms_norm assert eps >= 0 (ggml-cpu ops.cpp): an abort at the first image.
+        raise ModelLoadError(
+            f"'{path}' is corrupt: clip.vision.attention.layer_norm_epsilon = {eps!r} (must be a finite number >= 0)"
+        )
     n_embd = _u32(meta, "clip.vision.embedding_length", path)
     n_head = _u32(meta, "clip.vision.attention.head_count", path)
     n_layer = _u32(meta, "clip.vision.block_count", path)

@@ -42,6 +42,8 @@ class Layout:
     arrays: list[tuple[int, int]] = field(default_factory=list)  # (offset of element type u32, count)
     tensors: list[dict[str, Any]] = field(default_factory=list)  # name; offsets of n_dims, dims, type, offset
     keys: dict[str, int] = field(default_factory=dict)  # metadata key -> offset of its u32 value type
+    numbers: list[tuple[str, int, int]] = field(default_factory=list)  # (key, GGUF type, offset of the value)
+    number_arrays: list[tuple[str, int, int, int]] = field(default_factory=list)  # (key, type, first at, count)
 
     def tensor(self, name: str) -> dict[str, Any]:
         return next(t for t in self.tensors if t["name"] == name)
@@ -78,8 +80,10 @@ def layout(path: pathlib.Path) -> Layout:
                     for _ in range(count):
                         _string(f, lay)
                 else:
+                    lay.number_arrays.append((key, etype, f.tell(), count))
                     f.seek(_SCALAR_SIZE[etype] * count, os.SEEK_CUR)
             else:
+                lay.numbers.append((key, vtype, f.tell()))
                 f.seek(_SCALAR_SIZE[vtype], os.SEEK_CUR)
         for _ in range(lay.n_tensors):
             name = _string(f, lay).decode()
@@ -180,6 +184,47 @@ def mutations(which: str, lay: Layout, seed: int, per_kind: int) -> list[dict[st
         val = rng.choice((b"\xff\xff" * 8, b"\x00\x7c" * 8, b"\x00\x00\xc0\x7f" * 4,
                           bytes(rng.randrange(256) for _ in range(16))))[: max(0, lay.size - at)]
         add("data", f"{val[:4].hex()}... written in tensor data at {at}", [[at, val.hex()]])
+    return cases
+
+
+#: The values every numeric key is set to, per GGUF type: zero, -1, one, small odd, 2^16 and one more,
+#: the edges of 31 and 32 bits (as the type holds them), NaN, the infinities, tiny and huge.
+_EDGE_INTS = (0, -1, 1, 7, 1 << 16, (1 << 16) + 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 2, (1 << 32) - 1)
+_EDGE_FLOATS = (0.0, -1.0, 1.0, 7.0, 65536.0, 65537.0, 2.0**31, float("nan"), float("inf"), float("-inf"),
+                1e-30, -1e-30, 1e30)
+_PACK = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q", 6: "<f", 12: "<d", 7: "<B"}
+
+
+def _edge_values(vtype: int) -> list[bytes]:
+    fmt = _PACK[vtype]
+    if vtype in (6, 12):
+        return [struct.pack(fmt, v) for v in _EDGE_FLOATS]
+    if vtype == 7:  # bool: true, false and a byte that is neither
+        return [struct.pack(fmt, v) for v in (0, 1, 2)]
+    bits = 8 * struct.calcsize(fmt)
+    out = []
+    for v in {*_EDGE_INTS, (1 << bits) - 2, (1 << bits) - 1}:
+        v %= 1 << bits
+        if fmt[1].islower() and v >= 1 << (bits - 1):  # signed: the same bits
+            v -= 1 << bits
+        out.append(struct.pack(fmt, v))
+    return sorted(set(out))
+
+
+def value_mutations(which: str, lay: Layout) -> list[dict[str, Any]]:
+    """Every numeric metadata value of ``which`` (and each element of its numeric arrays of up to 8
+    elements, such as the M-RoPE sections) set to each value of :func:`_edge_values`, one at a time."""
+    cases: list[dict[str, Any]] = []
+    targets = [(key, vtype, at) for key, vtype, at in lay.numbers]
+    for key, etype, first, count in lay.number_arrays:
+        if count <= 8:
+            size = _SCALAR_SIZE[etype]
+            targets += [(f"{key}[{i}]", etype, first + i * size) for i in range(count)]
+    for key, vtype, at in targets:
+        for raw in _edge_values(vtype):
+            value = struct.unpack(_PACK[vtype], raw)[0]
+            cases.append({"which": which, "kind": "values", "desc": f"{which}: {key} = {value!r}",
+                          "patches": [[at, raw.hex()]], "truncate": None})
     return cases
 
 

@@ -40,6 +40,21 @@ def test_mutated_ggufs_never_crash_the_process(arch, gguf_pair, tmp_path, capsys
     assert outcome.counts.get("rejected:ModelLoadError", 0) > len(cases) // 2
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_numeric_metadata_value_at_its_edges_never_crashes_the_process(arch, gguf_pair, tmp_path, capsys):
+    """Each numeric key of both files (and each element of short numeric arrays) at 0, -1, 1, 7, 2^16,
+    2^16+1, 2^31-1, 2^31, the type's max-1 and max, NaN, +-inf, +-tiny and 1e30, one at a time."""
+    model, mmproj = gguf_pair(arch, outtype="f16")
+    cases = (gguf_fuzz.value_mutations("model", gguf_fuzz.layout(model))
+             + gguf_fuzz.value_mutations("mmproj", gguf_fuzz.layout(mmproj)))
+    outcome = gguf_fuzz.run_cases(cases, model, mmproj, tmp_path / "fuzz", hang_s=30.0)
+    with capsys.disabled():
+        print(f"\n[{arch}] edge values: {outcome.summary(len(cases))}")
+    assert not outcome.crashes, outcome.summary(len(cases)) + "\n" + "\n".join(outcome.crashes)
+    assert not outcome.untyped, "\n".join(outcome.untyped)
+    assert len(cases) > 300 and outcome.counts.get("loaded-and-ran", 0) > 0
+
+
 # ----------------------------------------------------------------------------- the checks, one by one
 
 
@@ -122,7 +137,7 @@ def test_mrope_sections_larger_than_the_rotated_dimensions_are_refused(gguf_pair
     data = model.read_bytes()
     at = data.index(b"glm4.rope.dimension_sections") + len(b"glm4.rope.dimension_sections") + 4 + 4 + 8
     bad = _patched(model, tmp_path / "model.gguf", [(at + 8, struct.pack("<i", 246))])  # the third section
-    with pytest.raises(ModelLoadError, match="dimension_sections .* do not fit"):
+    with pytest.raises(ModelLoadError, match="dimension_sections = .* must be >= 0 and fit the rotated dimensions"):
         _load(bad, mmproj)
 
 
@@ -152,3 +167,94 @@ def test_clip_key_types_match_the_engine_source():
         for k in [key % p for p in ("vision", "audio")] if "%s" in key else [key]:
             found[k] = gguf_type[getter]
     assert found == CLIP_KEY_TYPES
+
+
+@pytest.mark.parametrize("key, fmt, value, rule", [
+    ("attention.layer_norm_rms_epsilon", "<f", -1.0, "finite number >= 0"),
+    ("attention.layer_norm_rms_epsilon", "<f", -1e-30, "finite number >= 0"),
+    ("attention.layer_norm_rms_epsilon", "<f", float("nan"), "finite number >= 0"),
+    ("attention.layer_norm_rms_epsilon", "<f", float("-inf"), "finite number >= 0"),
+    ("rope.dimension_count", "<I", 7, "even"),
+    ("rope.dimension_count", "<I", 4294967295, "even"),
+    ("rope.dimension_count", "<I", 65536, "within 2..the attention head size"),
+    ("rope.dimension_count", "<I", 65537, "even"),
+    ("rope.dimension_count", "<I", 2147483647, "even"),
+    ("rope.dimension_count", "<I", 4294967294, "within 2"),  # hung: negative as the kernels' int
+    ("rope.dimension_count", "<I", 0, "within 2"),  # hung the same way
+    ("attention.head_count_kv", "<I", 3, "divide attention.head_count"),
+    ("attention.head_count_kv", "<I", 0, "positive"),
+])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_hyperparameters_that_aborted_or_hung_are_refused_by_name(arch, key, fmt, value, rule, gguf_pair,
+                                                                       tmp_path):
+    model, mmproj = gguf_pair(arch, outtype="f16")
+    prefix = "glm4" if arch == "glm4v" else "glm4moe"
+    at = gguf_fuzz.layout(model).keys[f"{prefix}.{key}"]
+    bad = _patched(model, tmp_path / "model.gguf", [(at + 4, struct.pack(fmt, value))])
+    with pytest.raises(ModelLoadError, match=re.escape(f"{prefix}.{key} = ") + ".*" + re.escape(rule)):
+        _load(bad, mmproj)
+
+
+def test_moe_gating_function_outside_the_engines_enum_is_refused(gguf_pair, tmp_path):
+    model, mmproj = gguf_pair("glm4v_moe", outtype="f16")
+    at = gguf_fuzz.layout(model).keys["glm4moe.expert_gating_func"]
+    bad = _patched(model, tmp_path / "model.gguf", [(at + 4, struct.pack("<I", 5))])
+    with pytest.raises(ModelLoadError, match=r"glm4moe.expert_gating_func = 5 \(must be one of 0, 1, 2, 3, 4\)"):
+        _load(bad, mmproj)
+
+
+def _source_keys(arch_enum: str, arch_file: str, arch_class: str) -> set[str]:
+    """The metadata keys the pinned engine's load_hparams reads for one architecture.
+
+    The common part (llama_model_base::load_hparams, without the `if (arch == OTHER)` blocks) and the
+    architecture's own load_arch_hparams; every ml.get_key / get_key_or_arr / get_arr call, its LLM_KV
+    enum resolved through LLM_KV_NAMES. Every get_* call of both bodies must be matched.
+    """
+    src = reference.llama_cpp_dir() / "src"
+    arch_cpp = (src / "llama-arch.cpp").read_text()
+    arch_name = dict(re.findall(r'\{\s*(LLM_ARCH_\w+)\s*,\s*"([^"]+)"\s*\}', arch_cpp))[arch_enum]
+    table = arch_cpp[arch_cpp.index("LLM_KV_NAMES = {"):]
+    kv_names = dict(re.findall(r'\{\s*(LLM_KV_\w+)\s*,\s*"([^"]+)"\s*\}', table[:table.index("};")]))
+
+    def body(text: str, signature: str) -> str:
+        i = text.index("{", text.index(signature))
+        depth = 0
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i:j + 1]
+        raise AssertionError(f"unbalanced braces after {signature}")
+
+    def without_other_archs(text: str) -> str:
+        out, pos = [], 0
+        for m in re.finditer(r"if\s*\(([^{;]*\barch\s*==[^{;]*)\)\s*\{", text):
+            if m.start() < pos:
+                continue
+            block = body(text, text[m.start():m.end()])
+            if not re.search(rf"\b{arch_enum}\b", m.group(1)):
+                out.append(text[pos:m.start()])
+                pos = m.end() - 1 + len(block)
+        return "".join(out) + text[pos:]
+
+    call = re.compile(r"\bml\.(?:get_key_or_arr|get_key|get_arr_n|get_arr)\s*\(\s*(LLM_KV_\w+)\s*,")
+    keys: set[str] = set()
+    for text in (without_other_archs(body((src / "llama-model.cpp").read_text(),
+                                          "void llama_model_base::load_hparams(")),
+                 body((src / "models" / arch_file).read_text(), f"void {arch_class}::load_arch_hparams(")):
+        found = call.findall(text)
+        assert len(found) == len(re.findall(r"\bget_(?:key_or_arr|key|arr_n|arr)\s*\(", text))
+        keys |= {kv_names[k] % arch_name if "%s" in kv_names[k] else kv_names[k] for k in found}
+    return keys
+
+
+@pytest.mark.parametrize("arch_enum, arch_file, arch_class, prefix", [
+    ("LLM_ARCH_GLM4", "glm4.cpp", "llama_model_glm4", "glm4"),
+    ("LLM_ARCH_GLM4_MOE", "glm4-moe.cpp", "llama_model_glm4_moe", "glm4moe"),
+])
+def test_text_key_rules_cover_every_key_the_engine_reads(arch_enum, arch_file, arch_class, prefix):
+    """A key a future engine pin starts reading fails here until _validate.py has a rule for it."""
+    from glm4v_mtmd._validate import MOE_KEY_RULES, RULE_TEXT, TEXT_KEY_RULES
+
+    rules = {**TEXT_KEY_RULES, **(MOE_KEY_RULES if prefix == "glm4moe" else {})}
+    assert _source_keys(arch_enum, arch_file, arch_class) == {"general.name"} | {f"{prefix}.{k}" for k in rules}
+    assert set(rules.values()) <= set(RULE_TEXT) | {"engine", "unused"}
