@@ -258,3 +258,68 @@ def test_text_key_rules_cover_every_key_the_engine_reads(arch_enum, arch_file, a
     rules = {**TEXT_KEY_RULES, **(MOE_KEY_RULES if prefix == "glm4moe" else {})}
     assert _source_keys(arch_enum, arch_file, arch_class) == {"general.name"} | {f"{prefix}.{k}" for k in rules}
     assert set(rules.values()) <= set(RULE_TEXT) | {"engine", "unused"}
+
+
+def _checked(model: pathlib.Path, arch: str, **changes: object) -> None:
+    """check_text_model on the file's header with some metadata values replaced (keys absent from the tiny
+    files: their rules are tested on the parsed header)."""
+    import dataclasses
+
+    from glm4v_mtmd._gguf_probe import read_header
+    from glm4v_mtmd._validate import check_text_model
+
+    header = read_header(model)
+    meta = {**header.metadata, **{k.replace("__", "."): v for k, v in changes.items()}}
+    check_text_model(dataclasses.replace(header, metadata=meta), arch, with_projector=True)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("attention.causal", False, "attention.causal = False (must be true"),
+    ("rope.scaling.type", "cubic", "rope.scaling.type = 'cubic' (must be one of none, linear, yarn, longrope)"),
+    ("rope.freq_base", float("nan"), "rope.freq_base = nan (must be a finite number > 0)"),
+    ("rope.freq_base", 0.0, "rope.freq_base = 0.0 (must be a finite number > 0)"),
+    ("rope.scaling.factor", float("-inf"), "rope.scaling.factor = -inf (must be a finite number >= 0)"),
+    ("rope.scaling.attn_factor", float("inf"), "rope.scaling.attn_factor = inf (must be a finite number)"),
+    ("context_length", 0, "context_length = 0 (must be a positive integer)"),
+    ("attention.key_length", 7, "attention.key_length = .* attention.key_length equal to attention.value_length"),
+    ("rope.dimension_sections", 1 << 20, "dimension_sections = .* fit the rotated dimensions"),  # a scalar fills 4
+])
+def test_text_rules_of_keys_the_tiny_files_do_not_carry(gguf_pair, key, value, match):
+    model, _ = gguf_pair("glm4v", outtype="f16")
+    pattern = ".*".join(re.escape(part) for part in match.split(".*"))  # literal text around the wildcards
+    with pytest.raises(ModelLoadError, match=pattern):
+        _checked(model, "glm4", **{f"glm4.{key}": value})
+
+
+def test_per_layer_counts_must_agree_across_layers(gguf_pair):
+    from glm4v_mtmd._gguf_probe import GGUFArray, read_header
+
+    model, _ = gguf_pair("glm4v", outtype="f16")
+    moe, _ = gguf_pair("glm4v_moe", outtype="f16")
+    meta = read_header(model).metadata
+    n, heads, kv = meta["glm4.block_count"], meta["glm4.attention.head_count"], meta["glm4.attention.head_count_kv"]
+
+    def layers(etype: int, *values: int) -> GGUFArray:
+        return GGUFArray(etype, len(values), values)
+
+    # An array of equal values is what a scalar means: accepted.
+    _checked(model, "glm4", **{"glm4.attention.head_count": layers(4, *(heads,) * n)})
+    with pytest.raises(ModelLoadError, match=r"glm4.attention.head_count = .* same for every layer"):
+        _checked(model, "glm4", **{"glm4.attention.head_count": layers(4, heads, *(heads * 2,) * (n - 1))})
+    with pytest.raises(ModelLoadError, match=r"glm4.attention.head_count_kv = .* same for every layer"):
+        _checked(model, "glm4", **{"glm4.attention.head_count_kv": layers(4, *(kv,) * (n - 1), 1)})
+    # INT32 -1 is 4294967295 to the engine, not a small number; a layer of 0 used experts left NULL views.
+    mmeta = read_header(moe).metadata
+    m, used = mmeta["glm4moe.block_count"], mmeta["glm4moe.expert_used_count"]
+    with pytest.raises(ModelLoadError, match="experts"):
+        _checked(moe, "glm4moe", **{"glm4moe.expert_used_count": layers(5, *(-1,) * m)})
+    with pytest.raises(ModelLoadError, match="experts"):
+        _checked(moe, "glm4moe", **{"glm4moe.expert_used_count": layers(4, used, *(0,) * (m - 1))})
+
+
+def test_projector_norm_epsilon_must_be_finite_and_not_negative(gguf_pair, tmp_path):
+    model, mmproj = gguf_pair("glm4v", outtype="f16")
+    at = gguf_fuzz.layout(mmproj).keys["clip.vision.attention.layer_norm_epsilon"]
+    bad = _patched(mmproj, tmp_path / "mmproj.gguf", [(at + 4, struct.pack("<f", -1.0))])
+    with pytest.raises(ModelLoadError, match=r"clip.vision.attention.layer_norm_epsilon = -1.0 \(must be a finite"):
+        _load(model, bad)
