@@ -332,10 +332,7 @@ def test_disconnect_stops_generation(server: Server) -> None:
     server.wait_metric("contexts_busy", 0)
 
     # Non-streaming: the client gives up while the reply is generated.
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    body = json.dumps({"messages": [user("Go on")], **LONG}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = _raw_request(server, {"messages": [user("Go on")], **LONG})
     server.wait_metric("contexts_busy", 1)
     sock.close()
     server.wait_metric("generations_cancelled_total", before + 2, timeout=10)
@@ -345,24 +342,39 @@ def test_disconnect_stops_generation(server: Server) -> None:
     assert status == 200
 
 
-def test_queue_full_is_503(tiny_f16: Any) -> None:
+def _raw_request(srv: Server, body: dict[str, Any]) -> socket.socket:
+    """A request sent on a raw socket, left unread (close the socket to disconnect)."""
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
+
+
+def test_queue_full_is_503_and_a_client_gone_from_the_queue_never_runs(tiny_f16: Any) -> None:
     srv = Server(tiny_f16, parallel=1, max_queue=1)
     try:
         conn, resp = open_stream(srv, {"messages": [user("Long")], **LONG})
         events = sse_events(resp)
         next(events)
-        waiting: list[int] = []
-        t = threading.Thread(target=lambda: waiting.append(srv.post({"messages": [user("Next")], "max_tokens": 2})[0]))
-        t.start()
+        queued = _raw_request(srv, {"messages": [user("Next")], "max_tokens": 2})
         srv.wait_metric("queue_depth", 1)
         with pytest.raises(openai.APIStatusError) as info:
             srv.client().chat.completions.create(model="tiny", messages=[user("Third")], max_tokens=2)
         assert info.value.status_code == 503
         assert info.value.response.headers["retry-after"] == "1"
         assert srv.metric("queue_rejections_total") == 1
+        # The queued client leaves: its request is dropped, not run once the context is free.
+        queued.close()
+        srv.wait_metric("queue_depth", 0)
         conn.close()
+        srv.wait_metric("contexts_busy", 0)
+        assert srv.metric("generations_total") == 1
+        waiting: list[int] = []
+        t = threading.Thread(target=lambda: waiting.append(srv.post({"messages": [user("Next")], "max_tokens": 2})[0]))
+        t.start()
         t.join(30)
-        assert waiting == [200]
+        assert waiting == [200] and srv.metric("generations_total") == 2
     finally:
         srv.stop()
 

@@ -258,9 +258,19 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
     async def _serve(request: Request, req: ChatRequest) -> Response:
         pool = state.pool
         assert pool is not None and state.executor is not None
+        # Watched from the start: a client that leaves while its request waits in the queue never runs.
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        acquire = asyncio.ensure_future(pool.acquire(req.message_keys))
+        await asyncio.wait({acquire, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not acquire.done():
+            acquire.cancel()  # the pool takes back a context handed over meanwhile
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquire
+            return Response(status_code=499)
         try:
-            slot = await pool.acquire(req.message_keys)
+            slot = acquire.result()
         except QueueFullError:
+            watcher.cancel()
             state.metrics.add("queue_rejections_total")
             raise RequestError(f"the server is busy: {len(pool.slots)} requests are running and {pool.max_queue} "
                                "wait; try again shortly", status=503, kind="unavailable_error",
@@ -278,7 +288,6 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
 
         loop.run_in_executor(state.executor, job.run, done)
         events = job.events()
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             first = await _first_or_disconnect(events, watcher)
         except BaseException:
