@@ -6,8 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 #include <cstring>
+#include <vector>
 
 using namespace glm4v_detail;
 

@@ -380,32 +380,40 @@ def build_prompt(
     return prompt_parts(rendered, list(embeddings)), thinks, embeddings
 
 
+def check_box_image(embeddings: list[ImageEmbedding], box_image: int) -> None:
+    """Raise ConfigError unless ``box_image`` indexes the conversation's images (any value without images)."""
+    if embeddings and not -len(embeddings) <= box_image < len(embeddings):
+        raise ConfigError(f"box_image={box_image}: the conversation has {len(embeddings)} images")
+
+
 def ground_boxes(answer: str, embeddings: list[ImageEmbedding], box_image: int) -> tuple[GroundedBox, ...]:
     """The answer's boxes, mapped to the original pixels of image ``box_image`` of the conversation."""
     boxes = parse_boxes(answer)
     if not embeddings:
         return tuple(GroundedBox(b, None, None) for b in boxes)
-    try:
-        emb = embeddings[box_image]
-    except IndexError:
-        raise ConfigError(f"box_image={box_image}: the conversation has {len(embeddings)} images") from None
+    check_box_image(embeddings, box_image)
+    emb = embeddings[box_image]
     index = box_image % len(embeddings)
     width, height = emb.original_size
     return tuple(GroundedBox(b, b.to_pixels(width, height), index) for b in boxes)
 
 
 def chat_stream(ctx: ChatBackend, messages: Sequence[Message], config: Optional[GenerationConfig] = None,
-                *, thinking: Optional[bool] = None, box_image: int = -1) -> Iterator[ChatChunk]:
-    """Stream a reply as :class:`ChatChunk` s (see :meth:`Context.chat_stream`)."""
+                *, thinking: Optional[bool] = None, box_image: int = -1,
+                tokens_per_step: int = 1) -> Iterator[ChatChunk]:
+    """Stream a reply as :class:`ChatChunk` s (see :meth:`Context.chat_stream`).
+
+    ``tokens_per_step``: tokens generated per call into C, for callers that do not need each token
+    at once (the engine still checks ``cancel()`` before every token).
+    """
     model = ctx._chat_model()
     stats = CallStats()
     parts, thinks, embeddings = build_prompt(model, messages, thinking, stats)
-    if embeddings and not -len(embeddings) <= box_image < len(embeddings):
-        raise ConfigError(f"box_image={box_image}: the conversation has {len(embeddings)} images")
+    check_box_image(embeddings, box_image)
     splitter = OutputSplitter(thinks)
     answer: list[str] = []
     n_generated = 0
-    for chunk in ctx._chunks(parts, config or model.chat_family.defaults, 1, stats):
+    for chunk in ctx._chunks(parts, config or model.chat_family.defaults, tokens_per_step, stats):
         n_generated += len(chunk.token_ids)
         pieces = splitter.feed(chunk.text, final=chunk.finish_reason is not None)
         answer.extend(text for text, kind in pieces if kind == "answer")
@@ -428,6 +436,7 @@ def chat(ctx: ChatBackend, messages: Sequence[Message], config: Optional[Generat
     model = ctx._chat_model()
     stats = CallStats()
     parts, thinks, embeddings = build_prompt(model, messages, thinking, stats)
+    check_box_image(embeddings, box_image)  # before generating, not after
     result = ctx._generate(parts, config or model.chat_family.defaults, stats)
     reasoning, answer = split_output(result.text, thinks)
     usage = Usage(

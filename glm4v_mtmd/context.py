@@ -41,6 +41,18 @@ _FINISH: dict[int, FinishReason] = {
 }
 
 
+def tokens_per_call(config: GenerationConfig) -> int:
+    """Tokens per call into C when nobody reads them one by one (the engine polls for Ctrl-C and
+    cancel() before every token); fewer when a stop string may end the generation early."""
+    return 16 if config.stop else 64
+
+
+def _check_in_vocabulary(ids: Sequence[int], n_vocab: int, what: str = "") -> None:
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise ConfigError(f"{what}token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+
+
 class Context:
     """One conversation on a :class:`Model`: its KV sequence, the prefix it holds and its positions.
 
@@ -122,9 +134,7 @@ class Context:
                 if part:
                     segments.append(Segment(tokens=np.asarray(model.tokenize(part, special=True), dtype=np.int32)))
             elif isinstance(part, Tokens):
-                bad = [t for t in part.ids if not 0 <= t < model.n_vocab]
-                if bad:
-                    raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})")
+                _check_in_vocabulary(part.ids, model.n_vocab)
                 if part.ids:
                     segments.append(Segment(tokens=np.asarray(part.ids, dtype=np.int32)))
             elif isinstance(part, ImageEmbedding):
@@ -199,9 +209,7 @@ class Context:
     # ----------------------------------------------------------------------------- generation
 
     def _gen_begin(self, parts: Sequence[PromptPart], config: GenerationConfig, stats: CallStats) -> int:
-        bad = [t for t, _ in config.logit_bias if t >= self.model.n_vocab]
-        if bad:
-            raise ConfigError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1})")
+        _check_in_vocabulary([t for t, _ in config.logit_bias], self.model.n_vocab, "logit_bias: ")
         tokens, _ = self._evaluate(parts, stats)
         seed = secrets.randbits(32) if config.seed is None else config.seed
         sampling = Sampling(
@@ -282,10 +290,8 @@ class Context:
     def _generate(self, parts: Sequence[PromptPart], config: Optional[GenerationConfig],
                   stats: Optional[CallStats] = None) -> GenerationResult:
         config = config or GenerationConfig()
-        # Several tokens per call into C (the engine polls for Ctrl-C and cancel() before every token);
-        # fewer when a stop string may end the generation early.
         with self._lock:
-            chunks = list(self._chunks(parts, config, 16 if config.stop else 64, stats))
+            chunks = list(self._chunks(parts, config, tokens_per_call(config), stats))
         last = chunks[-1]
         assert last.timings is not None and last.finish_reason is not None
         return GenerationResult(

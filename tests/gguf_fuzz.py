@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+#: struct formats of the GGUF scalar types (7 = bool, one byte).
+_PACK = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q", 6: "<f", 12: "<d", 7: "<B"}
+_SCALAR_SIZE = {t: struct.calcsize(fmt) for t, fmt in _PACK.items()}
 _STRING, _ARRAY = 8, 9
 
 
@@ -192,7 +194,6 @@ def mutations(which: str, lay: Layout, seed: int, per_kind: int) -> list[dict[st
 _EDGE_INTS = (0, -1, 1, 7, 1 << 16, (1 << 16) + 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 2, (1 << 32) - 1)
 _EDGE_FLOATS = (0.0, -1.0, 1.0, 7.0, 65536.0, 65537.0, 2.0**31, float("nan"), float("inf"), float("-inf"),
                 1e-30, -1e-30, 1e30)
-_PACK = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q", 6: "<f", 12: "<d", 7: "<B"}
 
 
 def _edge_values(vtype: int) -> list[bytes]:

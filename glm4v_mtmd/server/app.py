@@ -193,20 +193,21 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
             ok |= hmac.compare_digest(token_b, key.encode("utf-8"))
         return ok
 
+    def unavailable() -> Optional[Response]:
+        """503 while the model loads (or after it failed to), else None."""
+        if state.model is not None:
+            return None
+        return JSONResponse(error_body(state.load_error or "Loading model", 503, "unavailable_error"),
+                            status_code=503)
+
     def gate(request: Request) -> Optional[Response]:
         if not authorised(request):
             return JSONResponse(error_body("Invalid API Key", 401, "authentication_error"), status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
-        if state.model is None:
-            message = state.load_error or "Loading model"
-            return JSONResponse(error_body(message, 503, "unavailable_error"), status_code=503)
-        return None
+        return unavailable()
 
     async def health(request: Request) -> Response:
-        if state.model is None:
-            message = state.load_error or "Loading model"
-            return JSONResponse(error_body(message, 503, "unavailable_error"), status_code=503)
-        return JSONResponse({"status": "ok"})
+        return unavailable() or JSONResponse({"status": "ok"})
 
     async def models(request: Request) -> Response:
         refused = gate(request)

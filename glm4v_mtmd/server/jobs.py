@@ -14,8 +14,10 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Optional
 
+from .. import chat as _chat
 from .._prompt import CallStats
 from ..chat import ChatChunk, OutputSplitter, ground_boxes
+from ..context import tokens_per_call
 from ..errors import ContextOverflowError, GenerationError, Glm4vError, ImageError, SessionClosedError
 from .protocol import ChatRequest, RequestError
 
@@ -92,7 +94,9 @@ class Job:
                 raise GenerationError("cancelled")
             req = self.request
             config = req.config if self.replay is None else dataclasses.replace(req.config, max_tokens=0)
-            stream = self.context.chat_stream(messages, config, thinking=req.thinking)
+            # A non-streamed reply is read whole: several tokens per call into C.
+            steps = 1 if req.stream else tokens_per_call(config)
+            stream = _chat.chat_stream(self.context, messages, config, thinking=req.thinking, tokens_per_step=steps)
             if self.replay is not None:
                 stream = self._replayed(stream, messages)
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import math
@@ -451,8 +452,6 @@ def parse_request(body: Any, *, family: ChatFamily, n_ctx: int, n_vocab: int, li
         "logit_bias": _logit_bias(body, limits, n_vocab),
         "ignore_eos": _bool(body, "ignore_eos"),
     }
-    import dataclasses
-
     config = dataclasses.replace(card, **{k: v for k, v in values.items() if v is not None})
     return ChatRequest(messages=messages, config=config, thinking=_thinking(body, default_thinking),
                        stream=stream, include_usage=include_usage, message_keys=keys, n_images=n_images,
