@@ -205,7 +205,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         limits=Limits(max_images=args.max_images, max_image_bytes=args.max_image_mb << 20,
                       max_image_pixels=args.max_image_pixels, media_dir=media),
         default_thinking=False if args.no_think else None,
-        reasoning_field=args.reasoning_field,
+        reasoning_field=args.reasoning_field, ui=not args.no_ui,
     )
     template = None
     if args.chat_template_file:
@@ -216,7 +216,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Checked before the socket opens, so a bad option never leaves a half-started server.
     loader = functools.partial(_open, Model, args, n_parallel=args.parallel, chat_template=template,
                                max_image_pixels=args.max_image_pixels, flash_attn=_FLASH[args.flash_attn])
-    print(f"glm4v-mtmd serve: http://{args.host}:{args.port}/v1 (loading {args.model})", file=sys.stderr)
+    base = f"http://{args.host}:{args.port}"
+    print(f"glm4v-mtmd serve: {base}/v1 (loading {args.model})", file=sys.stderr)
+    if not args.no_ui:
+        print(f"  chat page: {base}/", file=sys.stderr)
     if keys:
         print("  API key required (Authorization: Bearer ...)", file=sys.stderr)
     return run(options, loader, host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
@@ -283,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which field carries the reasoning in replies (default both)")
     serve.add_argument("--chat-template-file", help="Jinja chat template to use instead of the model's")
     serve.add_argument("--flash-attn", choices=sorted(_FLASH), default="auto", help="flash attention (default auto)")
+    serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     serve.set_defaults(func=_cmd_serve)
 

@@ -1,7 +1,8 @@
 """The ASGI application of ``glm4v-mtmd serve`` (Starlette): routes, key check, limits, metrics.
 
 Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events or not), ``GET /v1/models``,
-``GET /health`` (public; 503 while the model loads) and ``GET /metrics`` (Prometheus text). One
+``GET /health`` (public; 503 while the model loads), ``GET /metrics`` (Prometheus text) and the chat
+page at ``/`` (public, static; it calls the API with the key the user gives it). One
 :class:`~glm4v_mtmd.Model` with ``parallel`` contexts serves every request; requests generating at
 the same time are decoded together by the engine.
 """
@@ -28,6 +29,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from .jobs import Job, to_request_error
+from .page import ui_routes
 from .pool import ContextPool, QueueFullError
 from .protocol import (
     ChatRequest,
@@ -61,6 +63,8 @@ class ServerOptions:
     default_thinking: Optional[bool] = None
     #: Which reasoning fields replies carry: "both", "reasoning_content" or "reasoning".
     reasoning_field: str = "both"
+    #: Serve the chat page at ``/`` (``--no-ui`` turns it off).
+    ui: bool = True
     #: Test hook: every reply is this text instead of the model's (the prompt is still evaluated and
     #: the text split and grounded as a reply), for tests of the wire format and of clients.
     replay: Optional[str] = None
@@ -217,7 +221,9 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
             "id": opts.model_name, "object": "model", "created": state.created, "owned_by": "glm4v-mtmd",
             "architecture": {"input_modalities": ["text", "image"], "output_modalities": ["text"]},
             "meta": {"n_ctx": state.model.n_ctx, "n_parallel": state.model.n_parallel,
-                     "n_vocab": state.model.n_vocab, "chat_family": state.model.chat_family.name},
+                     "n_vocab": state.model.n_vocab, "chat_family": state.model.chat_family.name,
+                     "thinking": "always" if state.model.chat_family.always_thinks else "switch",
+                     "thinking_default": opts.default_thinking is not False},
         }]})
 
     async def metrics(request: Request) -> Response:
@@ -402,6 +408,8 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
     ]
+    if opts.ui:
+        routes += ui_routes()
     middleware = []
     if opts.cors_origins:
         # No credentials: the key travels in a header, which browsers send with any allowed origin.
