@@ -211,48 +211,75 @@ extern "C" {
 // images
 // ---------------------------------------------------------------------------------------
 
-glm4v_status glm4v_encode_image(glm4v_model * m, const uint8_t * rgb, int32_t width, int32_t height,
-                                glm4v_image ** out) {
+// One image (rgb1 == nullptr) or one video frame pair (rgb0 the earlier frame): the engine's
+// preprocessing, then the vision tower + projector on the model's engine thread. A pair is two
+// mergeable bitmaps behind adjacent markers, which mtmd turns into one 2-entry batch (patch 0005).
+static glm4v_status encode_frames(glm4v_model * m, const uint8_t * rgb0, const uint8_t * rgb1, int32_t width,
+                                  int32_t height, glm4v_image ** out) {
     if (!m || !out) return GLM4V_ERR_INVALID_ARGUMENT;
     begin_api_call(nullptr);
     glm4v_ctx * const s = nullptr;  // errors of model calls are the thread's
     *out = nullptr;
+    const bool pair = rgb1 != nullptr;
+    const char * what = pair ? "frame pair" : "image";
     if (!m->mctx) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no projector (mmproj) is loaded: images are unavailable");
-    if (!rgb || width <= 0 || height <= 0) {
-        return fail(s, GLM4V_ERR_IMAGE, fmt("invalid image size %dx%d", width, height));
+    if (!rgb0 || width <= 0 || height <= 0) {
+        return fail(s, GLM4V_ERR_IMAGE, fmt("invalid %s size %dx%d", what, width, height));
+    }
+    if (pair && (width % 28 != 0 || height % 28 != 0)) {
+        return fail(s, GLM4V_ERR_IMAGE, fmt("a frame pair must be resized to multiples of 28, not %dx%d", width, height));
     }
     // The projector's context holds one image's state at a time.
     std::lock_guard<std::mutex> encode_lock(m->encode_mu);
-    mtmd_bitmap * bmp = nullptr;
+    mtmd_bitmap * bmps[2] = {nullptr, nullptr};
     mtmd_input_chunks * chunks = nullptr;
     glm4v_image * img = nullptr;
     auto cleanup = [&] {
-        if (bmp) mtmd_bitmap_free(bmp);
+        for (auto * b : bmps) if (b) mtmd_bitmap_free(b);
         if (chunks) mtmd_input_chunks_free(chunks);
     };
     try {
         const double t0 = now_ms();
-        bmp = mtmd_bitmap_init((uint32_t) width, (uint32_t) height, rgb);
+        const size_t n_bmps = pair ? 2 : 1;
+        bmps[0] = mtmd_bitmap_init((uint32_t) width, (uint32_t) height, rgb0);
+        if (pair) {
+            bmps[1] = mtmd_bitmap_init((uint32_t) width, (uint32_t) height, rgb1);
+            mtmd_bitmap_set_mergeable(bmps[0], true);
+            mtmd_bitmap_set_mergeable(bmps[1], true);
+        }
         chunks = mtmd_input_chunks_init();
-        const char * marker = mtmd_default_marker();
-        mtmd_input_text txt = {marker, strlen(marker), false, true};
-        const mtmd_bitmap * bmps[1] = {bmp};
-        int32_t rc = mtmd_tokenize(m->mctx, chunks, &txt, bmps, 1);
+        std::string text = mtmd_default_marker();
+        if (pair) text += mtmd_default_marker();  // adjacent markers: the two bitmaps merge
+        mtmd_input_text txt = {text.c_str(), text.size(), false, true};
+        int32_t rc = mtmd_tokenize(m->mctx, chunks, &txt, const_cast<const mtmd_bitmap **>(bmps), n_bmps);
         if (rc != 0) {
             cleanup();
-            return fail(s, GLM4V_ERR_IMAGE, fmt("the engine could not preprocess a %dx%d image (code %d)", width, height, rc));
+            return fail(s, GLM4V_ERR_IMAGE, fmt("the engine could not preprocess a %dx%d %s (code %d)", width, height,
+                                                what, rc));
         }
         const mtmd_input_chunk * chunk = nullptr;
+        int n_image_chunks = 0;
         for (size_t i = 0; i < mtmd_input_chunks_size(chunks); ++i) {
             const mtmd_input_chunk * c = mtmd_input_chunks_get(chunks, i);
-            if (mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_IMAGE) chunk = c;
+            if (mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_IMAGE) {
+                chunk = c;
+                ++n_image_chunks;
+            }
         }
-        if (!chunk) {
+        if (!chunk || n_image_chunks != 1) {
             cleanup();
-            return fail(s, GLM4V_ERR_INTERNAL, "the engine produced no image chunk");
+            return fail(s, GLM4V_ERR_INTERNAL, pair ? "the engine did not pair the two frames (is patch 0005 applied?)"
+                                                    : "the engine produced no image chunk");
         }
         const mtmd_image_tokens * it = mtmd_input_chunk_get_tokens_image(chunk);
         const int32_t n_tokens = (int32_t) mtmd_image_tokens_get_n_tokens(it);
+        if (pair && n_tokens != (width / 28) * (height / 28)) {
+            // The engine resized the frames to its per-image token window: not what the processor does.
+            cleanup();
+            return fail(s, GLM4V_ERR_IMAGE, fmt("a %dx%d frame pair is %d tokens, outside the projector's window "
+                                                "(image_max_tokens): the engine would resize it (got %d tokens)",
+                                                width, height, (width / 28) * (height / 28), n_tokens));
+        }
         const mtmd_decoder_pos last = mtmd_image_tokens_get_decoder_pos(it, 0, (size_t) n_tokens - 1);
         // On the engine thread, between decode steps of the model's other contexts.
         const double t_pre = now_ms();
@@ -264,7 +291,7 @@ glm4v_status glm4v_encode_image(glm4v_model * m, const uint8_t * rgb, int32_t wi
         });
         if (rc != 0) {
             cleanup();
-            return fail(s, GLM4V_ERR_IMAGE, fmt("image encoding failed (code %d)", rc));
+            return fail(s, GLM4V_ERR_IMAGE, fmt("%s encoding failed (code %d)", what, rc));
         }
         const float * embd = mtmd_get_output_embd(m->mctx);
         img = new glm4v_image();
@@ -287,8 +314,19 @@ glm4v_status glm4v_encode_image(glm4v_model * m, const uint8_t * rgb, int32_t wi
     catch (const std::exception & e) {
         cleanup();
         delete img;
-        return fail(s, GLM4V_ERR_INTERNAL, std::string("image encoding failed: ") + e.what());
+        return fail(s, GLM4V_ERR_INTERNAL, std::string(what) + " encoding failed: " + e.what());
     }
+}
+
+glm4v_status glm4v_encode_image(glm4v_model * m, const uint8_t * rgb, int32_t width, int32_t height,
+                                glm4v_image ** out) {
+    return encode_frames(m, rgb, nullptr, width, height, out);
+}
+
+glm4v_status glm4v_encode_frame_pair(glm4v_model * m, const uint8_t * rgb0, const uint8_t * rgb1, int32_t width,
+                                     int32_t height, glm4v_image ** out) {
+    if (!rgb1) return GLM4V_ERR_INVALID_ARGUMENT;
+    return encode_frames(m, rgb0, rgb1, width, height, out);
 }
 
 void glm4v_image_free(glm4v_image * img) { delete img; }

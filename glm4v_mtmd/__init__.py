@@ -28,7 +28,9 @@ from .types import (
     StreamChunk,
     Timings,
     Tokens,
+    VideoEmbedding,
 )
+from .video import PreprocessedVideo, VideoError, preprocess_video
 
 __version__ = "0.1.0"
 
@@ -50,11 +52,14 @@ __all__ = [
     "ModelLoadError",
     "NoFreeContextError",
     "PreprocessedImage",
+    "PreprocessedVideo",
     "Session",
     "SessionClosedError",
     "StreamChunk",
     "Timings",
     "Tokens",
+    "VideoEmbedding",
+    "VideoError",
     "cpu_features",
     "draw_boxes",
     "engine_info",
@@ -62,4 +67,5 @@ __all__ = [
     "parse_boxes",
     "preferred_float_type",
     "preprocess",
+    "preprocess_video",
 ]

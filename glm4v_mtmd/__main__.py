@@ -96,7 +96,17 @@ def _user_message(text: str, images: Sequence[str]) -> dict:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     with _open_session(args) as session:
-        _print_reply(session, [_user_message(args.prompt, args.image)], args, sys.stdout)
+        message = _user_message(args.prompt, args.image)
+        videos = []
+        for path in args.video:  # encoded here, with a progress bar; the message carries the result
+            file = pathlib.Path(path).expanduser()
+            video = session.model.encode_video(file, fps=args.video_fps, progress=True)
+            width, height = video.original_size
+            print(f"{file.name}: {len(video.frame_indices)} frames of {width}x{height} sampled, "
+                  f"{len(video.pairs)} pairs of {video.pairs[0].n_tokens} tokens", file=sys.stderr)
+            videos.append({"type": "video", "video": video})
+        message["content"] = videos + message["content"]
+        _print_reply(session, [message], args, sys.stdout)
     return 0
 
 
@@ -256,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run)
     run.add_argument("-p", "--prompt", default="Describe this image.", help="the question")
     run.add_argument("-i", "--image", action="append", default=[], help="an image file (repeatable)")
+    run.add_argument("--video", action="append", default=[],
+                     help="a video file (repeatable; needs the [video] extra, PyAV)")
+    run.add_argument("--video-fps", type=float, default=None,
+                     help="frames sampled per second (GLM-4.1V/4.5V processor; default 2)")
     run.set_defaults(func=_cmd_run)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH attaches a picture)")

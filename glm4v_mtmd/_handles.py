@@ -146,11 +146,16 @@ class ModelHandle:
 
     # ---------------------------------------------------------------- images
 
-    def encode(self, pixels: Any, width: int, height: int) -> EncodedImage:
-        """Encode RGB bytes already at their final size (the engine serialises encodes)."""
+    def encode(self, pixels: Any, width: int, height: int, second: Any = None) -> EncodedImage:
+        """Encode RGB bytes already at their final size (the engine serialises encodes); with
+        ``second``, the video frame pair (``pixels`` the earlier frame)."""
         h = self.ptr()
         out = ffi.new("glm4v_image **")
-        check(lib.glm4v_encode_image(h, ffi.from_buffer(pixels), width, height, out), None, "encode_image")
+        if second is None:
+            check(lib.glm4v_encode_image(h, ffi.from_buffer(pixels), width, height, out), None, "encode_image")
+        else:
+            check(lib.glm4v_encode_frame_pair(h, ffi.from_buffer(pixels), ffi.from_buffer(second), width, height, out),
+                  None, "encode_frame_pair")
         img = ffi.gc(out[0], lib.glm4v_image_free)
         try:
             n_tokens = lib.glm4v_image_n_tokens(img)

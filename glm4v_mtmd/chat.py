@@ -22,9 +22,26 @@ from typing import Any, Literal, Optional, Protocol
 from ._prompt import CallStats
 from .boxes import Box, parse_boxes
 from .errors import ConfigError
-from .types import FinishReason, GenerationConfig, GenerationResult, ImageEmbedding, StreamChunk, Timings
+from .types import (
+    FinishReason,
+    GenerationConfig,
+    GenerationResult,
+    ImageEmbedding,
+    StreamChunk,
+    Timings,
+    VideoEmbedding,
+)
 
 IMAGE_MARKER = "<|begin_of_image|><|image|><|end_of_image|>"
+VIDEO_MARKER = "<|begin_of_video|><|video|><|end_of_video|>"
+
+
+@dataclass(frozen=True)
+class VideoPart:
+    """A ``{"type": "video"}`` / ``video_url`` message part, encoded when the prompt is built."""
+
+    video: Any
+    fps: Optional[float] = None
 Message = Mapping[str, Any]
 
 
@@ -85,22 +102,28 @@ def detect_family(architecture: str, chat_template: Optional[str], name: Optiona
 # ----------------------------------------------------------------------------------------------- messages
 
 
-def _image_from_url(url: str) -> Any:
+def _image_from_url(url: str, kind: str = "image") -> Any:
     """A data URL's bytes or a local path; nothing is fetched from the network."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
-            raise ConfigError("image_url data URLs must be base64-encoded (data:image/...;base64,...)")
+            raise ConfigError(f"{kind}_url data URLs must be base64-encoded (data:{kind}/...;base64,...)")
         return base64.b64decode(payload, validate=False)
     if url.startswith("file://"):
         url = url[len("file://"):]
     if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I):
-        raise ConfigError(f"image_url {url[:60]!r}: only data: URLs and local paths are supported (no downloads)")
+        raise ConfigError(f"{kind}_url {url[:60]!r}: only data: URLs and local paths are supported (no downloads)")
     return pathlib.Path(url)
 
 
+def _url_of(part: Mapping[str, Any], key: str) -> str:
+    value = part.get(key)
+    return str(value["url"] if isinstance(value, Mapping) else value)
+
+
 def normalize_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Template-ready messages (images as ``{"type": "image"}``) and the images in order of appearance."""
+    """Template-ready messages (images as ``{"type": "image"}``, videos as ``{"type": "video"}``) and the
+    media in order of appearance (videos as :class:`VideoPart`)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ConfigError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out: list[dict[str, Any]] = []
@@ -124,11 +147,20 @@ def normalize_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]
                 images.append(part["image"])
                 parts.append({"type": "image"})
             elif kind == "image_url":
-                url = part["image_url"]["url"] if isinstance(part.get("image_url"), Mapping) else part.get("image_url")
-                images.append(_image_from_url(str(url)))
+                images.append(_image_from_url(_url_of(part, "image_url")))
                 parts.append({"type": "image"})
+            elif kind in ("video", "video_url"):
+                source = part.get("video") if kind == "video" else _image_from_url(_url_of(part, "video_url"), "video")
+                if source is None:
+                    raise ConfigError(f"message {i}: a video part needs 'video' (a path, an array or frames)")
+                fps = part.get("fps")
+                if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
+                    raise ConfigError(f"message {i}: video fps={fps!r} must be a positive number")
+                images.append(VideoPart(source, fps))
+                parts.append({"type": "video"})
             else:
-                raise ConfigError(f"message {i}: unsupported content part {part!r} (text, image, image_url)")
+                raise ConfigError(f"message {i}: unsupported content part {part!r} "
+                                  "(text, image, image_url, video, video_url)")
         out.append({**msg, "content": parts})
     return out, images
 
@@ -170,7 +202,8 @@ def render_template(template: str, messages: list[dict[str, Any]], *, enable_thi
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return "".join(IMAGE_MARKER if p["type"] == "image" else p["text"] for p in content)
+    markers = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
+    return "".join(markers[p["type"]] if p["type"] in markers else p["text"] for p in content)
 
 
 def render_builtin(family: ChatFamily, messages: list[dict[str, Any]], *, enable_thinking: Optional[bool]) -> str:
@@ -222,19 +255,22 @@ def _render_glm45v(messages: list[dict[str, Any]], enable_thinking: Optional[boo
     return "".join(out)
 
 
-def prompt_parts(rendered: str, images: list[Any]) -> list[Any]:
-    """Split a rendered prompt at the image markers and put the images there."""
-    pieces = rendered.split(IMAGE_MARKER)
-    if len(pieces) - 1 != len(images):
-        raise ConfigError(
-            f"the chat template placed {len(pieces) - 1} image markers for {len(images)} images in the messages"
-        )
+def prompt_parts(rendered: str, media: list[Any]) -> list[Any]:
+    """Split a rendered prompt at the image and video markers and put the media there (a video as
+    :meth:`~glm4v_mtmd.types.VideoEmbedding.prompt_parts`: its markers, pairs and timestamps)."""
+    pieces = re.split("(" + re.escape(IMAGE_MARKER) + "|" + re.escape(VIDEO_MARKER) + ")", rendered)
+    markers = pieces[1::2]
+    want = ["video" if isinstance(m, VideoEmbedding) else "image" for m in media]
+    got = ["video" if m == VIDEO_MARKER else "image" for m in markers]
+    if got != want:
+        raise ConfigError(f"the chat template placed {got.count('image')} image and {got.count('video')} video "
+                          f"markers for {want.count('image')} images and {want.count('video')} videos in the messages")
     parts: list[Any] = []
-    for i, text in enumerate(pieces):
+    for i, text in enumerate(pieces[0::2]):
         if text:
             parts.append(text)
-        if i < len(images):
-            parts.append(images[i])
+        if i < len(media):
+            parts += media[i].prompt_parts() if isinstance(media[i], VideoEmbedding) else [media[i]]
     return parts
 
 
@@ -372,12 +408,19 @@ def build_prompt(
         rendered = render_builtin(family, msgs, enable_thinking=enable)
     thinks = family.always_thinks or thinking is not False
     # In a message part a str image is a path (in a raw prompt a str would be text).
-    embeddings = [
-        image if isinstance(image, ImageEmbedding)
-        else model._encode(pathlib.Path(image) if isinstance(image, str) else image, stats)
-        for image in images
-    ]
-    return prompt_parts(rendered, list(embeddings)), thinks, embeddings
+    media: list[Any] = []
+    for item in images:
+        if isinstance(item, VideoPart):
+            video = item.video
+            if not isinstance(video, VideoEmbedding):
+                video = model._encode_video(video, stats, fps=item.fps)
+            media.append(video)
+        elif isinstance(item, ImageEmbedding):
+            media.append(item)
+        else:
+            media.append(model._encode(pathlib.Path(item) if isinstance(item, str) else item, stats))
+    embeddings = [m for m in media if isinstance(m, ImageEmbedding)]
+    return prompt_parts(rendered, media), thinks, embeddings
 
 
 def check_box_image(embeddings: list[ImageEmbedding], box_image: int) -> None:

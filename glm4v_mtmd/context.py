@@ -25,13 +25,14 @@ from .types import (
     StreamChunk,
     Timings,
     Tokens,
+    VideoEmbedding,
 )
 
 if TYPE_CHECKING:
     from .model import Model
 
 #: A prompt part: text (special pieces parsed), token ids as given, or an image.
-PromptPart = Union[str, Tokens, ImageEmbedding, ImageInput]
+PromptPart = Union[str, Tokens, ImageEmbedding, VideoEmbedding, ImageInput]
 
 _FINISH: dict[int, FinishReason] = {
     lib.GLM4V_FINISH_STOP: "stop",
@@ -128,6 +129,8 @@ class Context:
         if isinstance(parts, (str, bytes, Tokens)) or not isinstance(parts, Sequence):
             raise TypeError("a prompt is a list of strings, Tokens and images")
         model = self.model
+        # A video is its markers, timestamps and one image part per frame pair.
+        parts = [q for p in parts for q in (p.prompt_parts() if isinstance(p, VideoEmbedding) else [p])]
         segments = []
         for part in parts:
             if isinstance(part, str):

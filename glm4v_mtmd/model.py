@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import threading
 import weakref
@@ -20,7 +21,14 @@ from ._handles import ModelHandle
 from ._native import call_scope
 from ._prompt import CallStats, ImageTokenIds
 from ._validate import check_glm4v_mmproj, check_text_model
-from .errors import ConfigError, ModelLoadError, NoFreeContextError, SessionClosedError
+from .errors import (
+    ConfigError,
+    ContextOverflowError,
+    ImageError,
+    ModelLoadError,
+    NoFreeContextError,
+    SessionClosedError,
+)
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_PIXELS,
@@ -30,7 +38,7 @@ from .images import (
     check_limits,
     prepare_image,
 )
-from .types import GenerationConfig, ImageEmbedding
+from .types import GenerationConfig, ImageEmbedding, VideoEmbedding
 
 if TYPE_CHECKING:
     from .chat import ChatFamily, ChatResult, Message
@@ -367,6 +375,119 @@ class Model:
             with self._lock:
                 self.image_cache.put(key, emb)
         return emb
+
+    def encode_video(
+        self,
+        video: Any,
+        *,
+        source_fps: Optional[float] = None,
+        duration: Optional[float] = None,
+        fps: Optional[float] = None,
+        variant: Optional[str] = None,
+        min_pixels: Optional[int] = None,
+        max_pixels: Optional[int] = None,
+        progress: bool = False,
+    ) -> VideoEmbedding:
+        """Preprocess a clip as the family's transformers video processor does and encode each frame pair.
+
+        Args:
+            video: a file path (PyAV, the ``[video]`` extra), a uint8 ``(T, H, W, 3)`` array with
+                ``source_fps``, a list of ``(seconds, frame)`` pairs, or a
+                :class:`~glm4v_mtmd.video.PreprocessedVideo`. See :func:`glm4v_mtmd.preprocess_video`.
+            source_fps, duration, fps, min_pixels, max_pixels: as :func:`~glm4v_mtmd.preprocess_video`
+                (pixels over all sampled frames; defaults: the video processors').
+            variant: ``"glm4v"`` or ``"glm46v"``; default: the one of this model's family.
+            progress: a tqdm bar over the pairs.
+
+        Raises:
+            VideoError: unreadable video, or a frame pair outside the projector's token window.
+            ContextOverflowError: the video alone needs more tokens than ``n_ctx`` (checked before encoding).
+        """
+        return self._encode_video(video, None, source_fps=source_fps, duration=duration, fps=fps, variant=variant,
+                                  min_pixels=min_pixels, max_pixels=max_pixels, progress=progress)
+
+    def _encode_video(self, video: Any, stats: Optional[CallStats], *, source_fps: Optional[float] = None,
+                      duration: Optional[float] = None, fps: Optional[float] = None, variant: Optional[str] = None,
+                      min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+                      progress: bool = False) -> VideoEmbedding:
+        from .video import (
+            VIDEO_MAX_PIXELS,
+            VIDEO_MIN_PIXELS,
+            PreprocessedVideo,
+            VideoError,
+            default_variant,
+            preprocess_video,
+        )
+
+        if isinstance(video, PreprocessedVideo):
+            pre = video
+        else:
+            pre = preprocess_video(video, source_fps=source_fps, duration=duration, fps=fps,
+                                   variant=variant or default_variant(self.chat_family.name),
+                                   min_pixels=VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
+                                   max_pixels=VIDEO_MAX_PIXELS if max_pixels is None else max_pixels)
+        per_pair = pre.tokens_per_pair
+        low, high = (w // PIXELS_PER_TOKEN for w in self._pixel_window)
+        if not low <= per_pair <= high:
+            width, height = pre.resized_size
+            raise VideoError(
+                f"each frame pair of this video is {width}x{height} = {per_pair} image tokens, outside the "
+                f"projector's window of {low}..{high} tokens per image: "
+                + ("lower max_pixels" if per_pair > high else "raise min_pixels")
+                + f" (now spread over {len(pre.frame_indices)} frames)")
+        # Cells the video fills: per pair its tokens, two markers and the timestamp; two more markers.
+        stamp_tokens = sum(len(self.tokenize(t)) for t in pre.timestamp_texts)
+        needed = pre.n_pairs * (per_pair + 2) + stamp_tokens + 2
+        if needed > self.n_ctx:
+            raise ContextOverflowError(
+                f"this video needs {needed} tokens ({pre.n_pairs} frame pairs of {per_pair} tokens) and n_ctx is "
+                f"{self.n_ctx}: raise n_ctx, lower max_pixels (the pixels of all sampled frames, now "
+                f"{pre.resized_size[0]}x{pre.resized_size[1]} each), or sample fewer frames (a lower fps, "
+                "glm4v variant)")
+        pairs = []
+        bar = None
+        if progress and pre.n_pairs > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=pre.n_pairs, desc="video", unit="pair")
+        try:
+            for k in range(pre.n_pairs):
+                frames = pre.frames[2 * k: 2 * k + 2]
+                key = "pair:" + hashlib.blake2b(frames.tobytes(), digest_size=20).hexdigest() \
+                    if self.image_cache.max_bytes else None
+                with self._lock:
+                    emb = self.image_cache.get(key) if key else None
+                if emb is None:
+                    emb = self._encode_pair(frames, stats)
+                    if key:
+                        with self._lock:
+                            self.image_cache.put(key, emb)
+                pairs.append(emb)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return VideoEmbedding(tuple(pairs), pre.timestamp_texts, pre.timestamps,
+                              tuple(int(i) for i in pre.frame_indices), pre.original_size, pre.resized_size,
+                              pre.variant)
+
+    def _encode_pair(self, frames: np.ndarray, stats: Optional[CallStats] = None) -> ImageEmbedding:
+        """One video frame pair, uint8 ``[2, height, width, 3]`` already at its final size (sides
+        multiples of 28): frame 0 through the first temporal kernel, frame 1 through the second."""
+        if "0005-mtmd-glm4v-video-frame-pairs.patch" not in _native.engine_info().get("patches", ()):
+            raise ConfigError("video needs the engine patch 0005 (frame pairs), which this build lacks: a user "
+                              "engine checkout (GLM4V_LLAMA_CPP_DIR) is never patched; build with the pinned tree")
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != 2 or frames.shape[3] != 3:
+            raise ImageError(f"a frame pair is uint8 [2, height, width, 3], not {frames.dtype} {frames.shape}")
+        _, height, width, _ = frames.shape
+        first, second = np.ascontiguousarray(frames[0]), np.ascontiguousarray(frames[1])
+        with call_scope():
+            encoded = self._h().encode(first, width, height, second)
+        if stats is not None:
+            stats.preprocess_ms += encoded.preprocess_ms
+            stats.encode_ms += encoded.encode_ms
+        return ImageEmbedding(encoded.array, encoded.grid, (width, height), (width, height))
 
     # ----------------------------------------------------------------------------- chat
 

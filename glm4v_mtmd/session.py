@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from .context import Context, PromptPart
 from .images import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageInput
 from .model import KV_CACHE_TYPES, STOP_PIECES, TEXT_ARCHITECTURES, Model
-from .types import Evaluation, GenerationConfig, GenerationResult, ImageEmbedding, StreamChunk
+from .types import Evaluation, GenerationConfig, GenerationResult, ImageEmbedding, StreamChunk, VideoEmbedding
 
 if TYPE_CHECKING:
     from ._cache import EmbeddingCache
@@ -135,6 +135,13 @@ class Session:
         """See :meth:`Model.encode_image`."""
         return self.model.encode_image(image, min_pixels=min_pixels, max_pixels=max_pixels,
                                        max_image_pixels=max_image_pixels)
+
+    def encode_video(self, video: Any, *, source_fps: Optional[float] = None, duration: Optional[float] = None,
+                     fps: Optional[float] = None, variant: Optional[str] = None, min_pixels: Optional[int] = None,
+                     max_pixels: Optional[int] = None, progress: bool = False) -> VideoEmbedding:
+        """See :meth:`Model.encode_video`."""
+        return self.model.encode_video(video, source_fps=source_fps, duration=duration, fps=fps, variant=variant,
+                                       min_pixels=min_pixels, max_pixels=max_pixels, progress=progress)
 
     # ----------------------------------------------------------------------------- the conversation
 

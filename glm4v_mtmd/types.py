@@ -175,6 +175,53 @@ class ImageEmbedding:
         return max(self.grid)
 
 
+@dataclass(frozen=True)
+class VideoEmbedding:
+    """An encoded video: one :class:`ImageEmbedding` per frame pair, and the pairs' timestamps.
+
+    A prompt part like an image: it expands to ``<|begin_of_video|>``, then per pair
+    ``<|begin_of_image|>`` + its embedding + ``<|end_of_image|>`` + the timestamp text, then
+    ``<|end_of_video|>``, exactly as the GLM processors expand ``<|video|>``.
+
+    Attributes:
+        pairs: per frame pair, the projector's output (each an image part to the prompt).
+        timestamp_texts: per pair, the timestamp as the prompt writes it (``"3"`` / ``"3.0 seconds"``).
+        timestamps: per pair, the time of its first frame in seconds.
+        frame_indices: the source frames used (even count; the last may repeat).
+        original_size: ``(width, height)`` of the source frames.
+        resized_size: ``(width, height)`` the model saw.
+        variant: the processor variant used (``"glm4v"`` or ``"glm46v"``).
+    """
+
+    pairs: tuple[ImageEmbedding, ...]
+    timestamp_texts: tuple[str, ...]
+    timestamps: tuple[float, ...]
+    frame_indices: tuple[int, ...]
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    variant: str
+
+    def __post_init__(self) -> None:
+        if not self.pairs or len(self.pairs) != len(self.timestamp_texts):
+            raise ImageError(f"a VideoEmbedding needs one timestamp per pair: {len(self.pairs)} pairs, "
+                             f"{len(self.timestamp_texts)} timestamps")
+
+    @property
+    def n_tokens(self) -> int:
+        """Image tokens of all pairs (KV cells the frames fill, without the text between them)."""
+        return sum(p.n_tokens for p in self.pairs)
+
+    def prompt_parts(self) -> list:
+        """The video as prompt parts: ``<|begin_of_video|>``, per pair an image part (which the prompt
+        wraps in ``<|begin_of_image|>`` ... ``<|end_of_image|>`` as any image) and its timestamp text,
+        then ``<|end_of_video|>``: what the processors make of ``<|begin_of_video|><|video|><|end_of_video|>``."""
+        parts: list = ["<|begin_of_video|>"]
+        for pair, stamp in zip(self.pairs, self.timestamp_texts):
+            parts += [pair, stamp]
+        parts.append("<|end_of_video|>")
+        return parts
+
+
 @dataclass(frozen=True, init=False)
 class Tokens:
     """Token ids placed in a prompt as given, without tokenizing text (e.g. a reference's ids).

@@ -150,7 +150,8 @@ def build_inputs(hf_dir_or_tokenizer: Any, parts: Sequence[Part]) -> dict[str, A
 
 
 def _model_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+            "pixel_values_videos", "video_grid_thw")
     return {k: inputs[k] for k in keys if k in inputs}
 
 
@@ -215,6 +216,7 @@ def reference_positions(model: Any, inputs: dict[str, Any]) -> np.ndarray:
             inputs["input_ids"],
             inputs["mm_token_type_ids"],
             image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
             attention_mask=inputs.get("attention_mask"),
         )
     return pos[:, 0, :].T.contiguous().numpy().astype(np.int64)
@@ -439,3 +441,46 @@ __all__ = [
     "run_reference_converter",
     "top1_margin",
 ]
+
+
+def reference_video_features(model: Any, pixel_values_videos: np.ndarray, grid_thw: tuple[int, int, int],
+                             *, f16_conv: bool = True) -> list[np.ndarray]:
+    """Glm4vModel.get_video_features: one ``[tokens, n_embd]`` array per frame pair (group).
+
+    ``pixel_values_videos`` / ``grid_thw`` as the video processor makes them (``patchify``).
+    """
+    import torch
+
+    pv = torch.from_numpy(np.ascontiguousarray(pixel_values_videos, dtype=np.float32))
+    grid = torch.tensor([list(grid_thw)])
+    with torch.no_grad(), f16_convolutions(model, f16_conv):
+        out = model.model.get_video_features(pv, grid, return_dict=True)
+    rows = torch.cat(list(out.pooler_output), dim=0).float().numpy()  # one entry per video: its pairs in order
+    return np.split(rows, grid_thw[0])
+
+
+def build_video_inputs(hf_dir: str | os.PathLike, before: str, frames: np.ndarray, frame_indices: Sequence[int],
+                       fps: float, variant: str, after: str) -> dict[str, Any]:
+    """Model inputs for ``before`` + one video + ``after``, the video given as its sampled frames already at
+    their final size (uint8 ``[T, H, W, 3]``, sides multiples of 28, inside the processor's budget, so its
+    resize leaves them untouched). The text between the markers is the processor's ``replace_video_token``;
+    ``pixel_values_videos`` its fused normalise and ``patchify`` (tests/video_reference.py)."""
+    import torch
+    import video_reference
+
+    tokenizer, _ = _resolve(hf_dir)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)[None]  # (1, T, C, H, W)
+    pixel_values, grid = video_reference.pixel_values(variant, video)
+    text = (before + "<|begin_of_video|>" + video_reference.video_text(variant, grid, list(frame_indices), fps)
+            + "<|end_of_video|>" + after)
+    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    token = tokenizer.convert_tokens_to_ids
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": _mm_token_type_ids(input_ids, token("<|image|>"), token("<|begin_of_video|>"),
+                                                token("<|end_of_video|>")),
+        "pixel_values_videos": pixel_values,
+        "video_grid_thw": torch.tensor([grid]),
+        "text": text,
+    }
