@@ -1,6 +1,6 @@
 """Measurements that run in their own process (so each side's peak RSS is its own).
 
-``python workers.py KIND SPEC_JSON`` (``package``, ``decode``, ``transformers``, ``llama_cpp_python``,
+``python workers.py KIND SPEC_JSON`` (``package``, ``decode``, ``transformers``, ``llama_cpp_python``, ``video_*``,
 ``stream_llama_cpp_python``, ``first_image_package``, ``first_image_transformers``) prints one JSON
 object on the last line of stdout. ``run.py``, ``decode_ab.py``, ``stream.py`` and
 ``first_image.py`` start them; they are not a public API.
@@ -346,9 +346,81 @@ def _hf_encode_prefill(model: Any, pixels: Any, grid: Any, inputs: dict[str, Any
     return 1000 * (t1 - t0), 1000 * (t2 - t1)
 
 
+def make_clip(width: int, height: int, seconds: float, fps: float) -> np.ndarray:
+    """A synthetic clip: the package's sample picture at ``width`` x ``height``, panning a few pixels per frame."""
+    import glm4v_mtmd
+
+    base = np.asarray(Image.open(glm4v_mtmd.sample_image()).convert("RGB").resize((width + 64, height), Image.BICUBIC))
+    n = int(round(seconds * fps))
+    return np.stack([base[:, (k * 64) // max(n - 1, 1):][:, :width] for k in range(n)])
+
+
+VIDEO_QUESTION = "What happens in this video?"
+
+
+def video_package(spec: dict[str, Any]) -> dict[str, Any]:
+    """A first question about a clip: preprocess (sample, size, resize), encode every frame pair, prefill."""
+    from glm4v_mtmd import GenerationConfig, Session
+    from glm4v_mtmd._prompt import CallStats
+
+    clip = make_clip(spec["width"], spec["height"], spec["seconds"], spec["source_fps"])
+    clip[0, 0, 0] = spec.get("seed", 0) % 256  # new content: the embedding cache misses
+    with Session(spec["model"], spec["mmproj"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as s:
+        stats = CallStats()  # the engine's own encode time, as chat() reports it in timings.encode_ms
+        t0 = time.perf_counter()
+        video = s.model._encode_video(clip, stats, source_fps=spec["source_fps"])
+        t1 = time.perf_counter()
+        config = GenerationConfig(max_tokens=1, temperature=0.0, ignore_eos=True)
+        result = s.generate([PREFIX, video, VIDEO_QUESTION + SUFFIX], config)
+        t2 = time.perf_counter()
+    encode_ms = stats.encode_ms
+    return {"pairs": len(video.pairs), "tokens_per_pair": video.pairs[0].n_tokens,
+            "resized": list(video.resized_size), "frames": len(video.frame_indices),
+            "encode_ms": encode_ms, "encode_ms_per_pair": encode_ms / len(video.pairs),
+            "preprocess_ms": 1000 * (t1 - t0) - encode_ms, "prefill_ms": result.timings.prompt_ms,
+            "prompt_tokens": result.timings.prompt_tokens, "ttft_ms": 1000 * (t2 - t0)}
+
+
+def video_transformers(spec: dict[str, Any]) -> dict[str, Any]:
+    """transformers' side of ``video_package``: ``get_video_features`` on the processor's
+    ``pixel_values_videos`` (made by glm4v_mtmd.preprocess_video, bit-exact to the processor, which
+    needs torchvision; not timed here), then the language model over the prompt with those features."""
+    import torch
+    import transformers
+
+    import glm4v_mtmd
+
+    torch.set_num_threads(spec["n_threads"])
+    dtype = getattr(torch, spec["dtype"])
+    model = transformers.Glm4vForConditionalGeneration.from_pretrained(spec["hf_dir"], dtype=dtype).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(spec["hf_dir"])
+    clip = make_clip(spec["width"], spec["height"], spec["seconds"], spec["source_fps"])
+    pre = glm4v_mtmd.preprocess_video(clip, source_fps=spec["source_fps"], variant=spec["variant"])
+    pixels, grid = torch.from_numpy(pre.pixel_values).to(dtype), torch.tensor([pre.grid])
+    prompt = (PREFIX + "<|begin_of_video|>" + pre.placeholder_text() + "<|end_of_video|>" + VIDEO_QUESTION + SUFFIX)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    # every <|image|> here is inside the video: token type 2 (processing_glm4v.create_mm_token_type_ids)
+    video_types = (ids == image_id).int() * 2
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": video_types}
+    with torch.inference_mode():
+        model.get_image_features(pixel_values=pixels[:64], image_grid_thw=torch.tensor([[1, 8, 8]]))  # warm-up
+        t0 = time.perf_counter()
+        features = model.model.get_video_features(pixels, grid, return_dict=True)
+        t1 = time.perf_counter()
+        model(**inputs, video_grid_thw=grid, mm_encoder_outputs={"video": features}, logits_to_keep=1)
+        t2 = time.perf_counter()
+    encode_ms = 1000 * (t1 - t0)
+    return {"dtype": spec["dtype"], "pairs": pre.n_pairs, "tokens_per_pair": pre.tokens_per_pair,
+            "encode_ms": encode_ms, "encode_ms_per_pair": encode_ms / pre.n_pairs, "prefill_ms": 1000 * (t2 - t1),
+            "ttft_ms": encode_ms + 1000 * (t2 - t1), "prompt_tokens": int(ids.shape[1]),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
 KINDS = {"package": package, "decode": decode, "transformers": transformers_, "llama_cpp_python": llama_cpp_python,
          "stream_llama_cpp_python": stream_llama_cpp_python, "first_image_package": first_image_package,
-         "first_image_transformers": first_image_transformers}
+         "first_image_transformers": first_image_transformers, "video_package": video_package,
+         "video_transformers": video_transformers}
 
 
 def main() -> None:

@@ -115,6 +115,27 @@ def test_stream_ends_with_done_and_usage_chunk(server: Server) -> None:
     assert objs[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_a_late_first_token_is_preceded_by_keepalive_pings(tiny_f16: Any) -> None:
+    """A prefill longer than keepalive_s: the stream starts at once with SSE comments, then the reply."""
+    srv = Server(tiny_f16, parallel=1, keepalive_s=0.01)
+    try:
+        images = [png_url(112, 112, seed=k) for k in range(6)]  # encodes take longer than 10 ms
+        conn, resp = open_stream(srv, {"messages": [user("Compare them.", *images)], "max_tokens": 3, **GREEDY})
+        lines = [line.strip() for line in resp if line.strip()]
+        pings = [i for i, line in enumerate(lines) if line == b": ping"]
+        data = [i for i, line in enumerate(lines) if line.startswith(b"data: ")]
+        assert pings and max(pings) < min(data)  # only before the first event
+        assert lines[-1] == b"data: [DONE]"
+        assert json.loads(lines[data[0]][6:])["choices"][0]["delta"]["role"] == "assistant"
+        # A failure after the stream started is an error event (here: the prompt does not fit).
+        long = "word " * 5000
+        conn, resp = open_stream(srv, {"messages": [user(long, *images)], "max_tokens": 3})
+        events = [line.strip() for line in resp if line.strip().startswith(b"data: ")]
+        assert len(events) == 1 and "error" in json.loads(events[0][6:])
+    finally:
+        srv.stop()
+
+
 def test_follow_up_about_the_same_image_reuses_cache(server: Server) -> None:
     client = server.client()
     url = png_url(112, 140, seed=11)

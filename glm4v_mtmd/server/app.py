@@ -65,6 +65,10 @@ class ServerOptions:
     reasoning_field: str = "both"
     #: Serve the chat page at ``/`` (``--no-ui`` turns it off).
     ui: bool = True
+    #: A streamed reply whose first token takes longer than this (seconds; a long prompt, many images)
+    #: starts at once and sends an SSE comment (``: ping``) this often until it comes, so clients and
+    #: proxies do not time out; a failure after that is an error event, not an HTTP status.
+    keepalive_s: float = 5.0
     #: Test hook: every reply is this text instead of the model's (the prompt is still evaluated and
     #: the text split and grounded as a reply), for tests of the wire format and of clients.
     replay: Optional[str] = None
@@ -296,7 +300,7 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
         loop.run_in_executor(state.executor, job.run, done)
         events = job.events()
         try:
-            first = await _first_or_disconnect(events, watcher)
+            first = await _first_or_disconnect(events, watcher, opts.keepalive_s if req.stream else None)
         except BaseException:
             job.cancel()
             watcher.cancel()
@@ -304,7 +308,7 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
         if first is None:  # the client left before the first token
             job.cancel()
             return Response(status_code=499)
-        if req.stream:
+        if req.stream:  # `first` is the chunk, or (after keepalive_s) the future that will hold it
             return StreamingResponse(_sse(job, req, first, events, watcher), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -365,6 +369,12 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
             return {"index": 0, "delta": d, "finish_reason": finish}
 
         try:
+            while isinstance(first, asyncio.Future):  # the first token is late: keep the connection alive
+                done, _ = await asyncio.wait({first}, timeout=opts.keepalive_s)
+                if not done:
+                    yield b": ping\n\n"
+                    continue
+                first = first.result()  # the job's failure is raised here, sent as an error event
             yield frame([delta({"role": "assistant", "content": None})])
             chunk = first
             # Whitespace around the reasoning and the answer is dropped, as in the non-streamed reply:
@@ -397,6 +407,8 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
             yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
         finally:
             watcher.cancel()
+            if isinstance(first, asyncio.Future) and not first.done():
+                first.cancel()
             if not completed:  # the stream was abandoned (the client left): stop the generation
                 job.cancel()
 
@@ -446,12 +458,16 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 
-async def _first_or_disconnect(events: AsyncIterator[Any], watcher: asyncio.Future[None]) -> Any:
-    """The job's first chunk, or None when the client leaves first; raises the job's error."""
+async def _first_or_disconnect(events: AsyncIterator[Any], watcher: asyncio.Future[None],
+                               timeout: Optional[float] = None) -> Any:
+    """The job's first chunk, or None when the client leaves first; raises the job's error. With a
+    ``timeout``, a chunk still pending then is returned as its future."""
     first = asyncio.ensure_future(events.__anext__())
-    await asyncio.wait({first, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({first, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     if first.done():
         return first.result()
+    if not watcher.done():  # timed out, the client still there
+        return first
     first.cancel()
     return None
 
