@@ -11,8 +11,9 @@ the package's includes its preprocessing. Writes ``results/<date>-<host>-<cpu>-v
     python bench/video.py --quick   # 4 s of 854x480 at 30 fps: 4 pairs of 510 tokens, ~5 min
     python bench/video.py           # 10 s of 1280x720 at 30 fps: 10 pairs of 1196 tokens, ~40 min
 
-Model: ``make_model.py --preset quick`` (the real GLM-4.1V vision tower, a small text model; F16), so the
-processor variant is GLM-4.1V's (2 frames/s).
+Model: ``make_model.py --preset quick`` (the real GLM-4.1V vision tower, a small text model) at the precision
+``glm4v_mtmd.preferred_float_type()`` picks for this CPU (BF16 with AVX512_BF16, else F16); the processor
+variant is GLM-4.1V's (2 frames/s).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def main() -> None:
     plan = QUICK if args.quick else FULL
     if args.pairs:
         plan = Plan(**{**asdict(plan), "pairs": args.pairs})
-    files = build("quick", args.scratch / "models", ["f16"])
-    model, mmproj = files["f16"]
+    precision = glm4v_mtmd.preferred_float_type()  # what from_pretrained picks on this CPU (bf16 or f16)
+    files = build("quick", args.scratch / "models", [precision])
+    model, mmproj = files[precision]
     clip = {"width": plan.width, "height": plan.height, "seconds": plan.seconds, "source_fps": SOURCE_FPS}
     # transformers' dtype: the faster on a 2-second 240p clip
     probes = []
@@ -83,7 +85,7 @@ def main() -> None:
             print(f"  run {i + 1}/{plan.pairs} {side}: {out['pairs']} pairs, encode {out['encode_ms']:.0f} ms, "
                   f"ttft {out['ttft_ms']:.0f} ms", file=sys.stderr, flush=True)
     pkg, hf = runs["package"], runs["transformers"]
-    name = f"package F16 / transformers {hf_dtype}"
+    name = f"package {precision.upper()} / transformers {hf_dtype}"
     result = [
         ratio(f"encode ms per frame pair, {name}", col(pkg, "encode_ms_per_pair"), col(hf, "encode_ms_per_pair"),
               "<= 0.8"),
@@ -97,7 +99,8 @@ def main() -> None:
                                                                                    "prefill_ms", "ttft_ms")]
     mode = "quick" if args.quick else "full"
     data = {"mode": mode, "plan": asdict(plan), "machine": machine(args.threads),
-            "cpu_features": sorted(glm4v_mtmd.cpu_features()), "transformers_fastest_dtype": hf_dtype,
+            "cpu_features": sorted(glm4v_mtmd.cpu_features()), "preferred_float_type": precision,
+            "transformers_fastest_dtype": hf_dtype,
             "transformers_probes": probes, "runs": runs}
     save_results(HERE / "results", "-video" + ("-quick" if args.quick else ""), data, result, table,
                  f"video - {mode} - {data['machine']['cpu'][:40]}")

@@ -36,7 +36,7 @@ import numpy as np
 
 from ._resize import resize_bicubic_aa_uint8
 from .errors import ConfigError, ImageError
-from .images import FACTOR, IMAGE_MEAN, IMAGE_STD, MAX_ASPECT_RATIO, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+from .images import IMAGE_MEAN, IMAGE_STD, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, smart_resize
 
 Variant = Literal["glm4v", "glm46v"]
 VARIANTS: tuple[str, ...] = ("glm4v", "glm46v")
@@ -169,23 +169,11 @@ def video_smart_resize(num_frames: int, height: int, width: int, *, min_pixels: 
     if num_frames < TEMPORAL_PATCH_SIZE:
         raise VideoError(f"a video needs at least {TEMPORAL_PATCH_SIZE} frames, got {num_frames} "
                          "(for a single picture, send an image)")
-    if height < FACTOR or width < FACTOR:
-        scale = max(FACTOR / height, FACTOR / width)
-        height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise VideoError(f"the frames are {width}x{height}: the aspect ratio must be at most {MAX_ASPECT_RATIO}")
-    h_bar = round(height / FACTOR) * FACTOR
-    w_bar = round(width / FACTOR) * FACTOR
-    t_bar = round(num_frames / TEMPORAL_PATCH_SIZE) * TEMPORAL_PATCH_SIZE
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt((num_frames * height * width) / max_pixels)
-        h_bar = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
-        w_bar = max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / FACTOR) * FACTOR
-        w_bar = math.ceil(width * beta / FACTOR) * FACTOR
-    return h_bar, w_bar
+    try:
+        return smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels, num_frames=num_frames,
+                            what="the video's frames")
+    except ImageError as exc:
+        raise VideoError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------- decoding
