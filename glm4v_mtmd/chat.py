@@ -42,6 +42,8 @@ class VideoPart:
 
     video: Any
     fps: Optional[float] = None
+
+
 Message = Mapping[str, Any]
 
 

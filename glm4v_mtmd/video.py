@@ -26,6 +26,7 @@ prompt by the timestamp of its first frame.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -54,7 +55,7 @@ GLM46V_MAX_DURATION = 2400
 #: The processors' fallback when a clip's fps is unknown (``replace_video_token``).
 DEFAULT_FPS = 24
 
-VideoInput = Union[str, os.PathLike, np.ndarray, Sequence[Any]]
+VideoInput = Union[str, os.PathLike, bytes, np.ndarray, Sequence[Any]]
 
 
 class VideoError(ImageError):
@@ -191,7 +192,7 @@ class VideoSource:
     #: frames given with their own timestamps (no sampling): the timestamps, else None
     given_timestamps: Optional[tuple[float, ...]] = None
     _array: Optional[np.ndarray] = field(default=None, repr=False)
-    _path: Optional[str] = field(default=None, repr=False)
+    _path: Optional[Union[str, bytes]] = field(default=None, repr=False)  # a file, or its bytes
 
     def frames(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
         """The RGB frames at ``indices`` (ascending, repeats allowed), in that order."""
@@ -214,10 +215,12 @@ def _check_frame(frame: Any, what: str) -> np.ndarray:
 
 def open_video(video: VideoInput, *, source_fps: Optional[float] = None,
                duration: Optional[float] = None) -> VideoSource:
-    """Metadata and frame access for a file (PyAV), a ``(T, H, W, 3)`` uint8 array, or a list of
-    ``(seconds, frame)`` pairs (frames already chosen, used as given)."""
+    """Metadata and frame access for a file or its bytes (PyAV), a ``(T, H, W, 3)`` uint8 array, or a
+    list of ``(seconds, frame)`` pairs (frames already chosen, used as given)."""
     if isinstance(video, (str, os.PathLike)):
         return _probe_file(os.fspath(video), source_fps, duration)
+    if isinstance(video, (bytes, bytearray, memoryview)):  # an encoded file's bytes (a video_url data URL)
+        return _probe_file(bytes(video), source_fps, duration)
     if isinstance(video, np.ndarray):
         if video.dtype != np.uint8 or video.ndim != 4 or video.shape[3] != 3:
             raise VideoError(f"a video array must be uint8 (frames, height, width, 3), got {video.dtype} {video.shape}")
@@ -258,16 +261,21 @@ def _av() -> Any:
     return av
 
 
-def _probe_file(path: str, source_fps: Optional[float], duration: Optional[float]) -> VideoSource:
+def _open_container(av: Any, source: Union[str, bytes]) -> Any:
+    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _probe_file(path: Union[str, bytes], source_fps: Optional[float], duration: Optional[float]) -> VideoSource:
     """Metadata as transformers' PyAV reader takes it (``read_video_pyav``): the stream's frame count
     and average rate, duration = frames / rate. ``source_fps`` / ``duration`` override them."""
     av = _av()
-    if not os.path.isfile(path):
+    name = "the video data" if isinstance(path, bytes) else path
+    if not isinstance(path, bytes) and not os.path.isfile(path):
         raise VideoError(f"{path}: no such file")
     try:
-        with av.open(path) as container:
+        with _open_container(av, path) as container:
             if not container.streams.video:
-                raise VideoError(f"{path}: holds no video stream")
+                raise VideoError(f"{name}: holds no video stream")
             stream = container.streams.video[0]
             total = int(stream.frames)
             if total <= 0:  # the container does not say: count the stream's packets
@@ -275,23 +283,24 @@ def _probe_file(path: str, source_fps: Optional[float], duration: Optional[float
             rate = float(stream.average_rate) if stream.average_rate else None
             height, width = int(stream.height), int(stream.width)
     except av.error.FFmpegError as exc:
-        raise VideoError(f"{path}: cannot be read as a video ({exc})") from None
+        raise VideoError(f"{name}: cannot be read as a video ({exc})") from None
     fps = float(source_fps) if source_fps is not None else rate
     if fps is None:
-        raise VideoError(f"{path}: the file gives no frame rate; pass source_fps")
+        raise VideoError(f"{name}: the file gives no frame rate; pass source_fps")
     if duration is None:
         duration = total / fps
     return VideoSource(total, fps, duration, height, width, _path=path)
 
 
-def _decode_frames(path: str, indices: Sequence[int]) -> Iterator[np.ndarray]:
+def _decode_frames(path: Union[str, bytes], indices: Sequence[int]) -> Iterator[np.ndarray]:
     av = _av()
+    name = "the video data" if isinstance(path, bytes) else path
     wanted: dict[int, int] = {}
     for i in indices:
         wanted[int(i)] = wanted.get(int(i), 0) + 1
     last = max(wanted)
     try:
-        with av.open(path) as container:
+        with _open_container(av, path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
@@ -303,9 +312,9 @@ def _decode_frames(path: str, indices: Sequence[int]) -> Iterator[np.ndarray]:
                         yield rgb
                     del wanted[i]
     except av.error.FFmpegError as exc:
-        raise VideoError(f"{path}: decoding failed ({exc})") from None
+        raise VideoError(f"{name}: decoding failed ({exc})") from None
     if wanted:
-        raise VideoError(f"{path}: frame {min(wanted)} could not be decoded (the file has fewer frames than it says)")
+        raise VideoError(f"{name}: frame {min(wanted)} could not be decoded (the file has fewer frames than it says)")
 
 
 # ------------------------------------------------------------------------------------- preprocess
@@ -398,7 +407,7 @@ def preprocess_video(
     """Sample, size and resize a clip exactly as the variant's transformers video processor does.
 
     Args:
-        video: a file path (decoded with PyAV, the ``[video]`` extra), a uint8 ``(T, H, W, 3)``
+        video: a file path or a file's bytes (decoded with PyAV, the ``[video]`` extra), a uint8 ``(T, H, W, 3)``
             array (``source_fps`` required), or a list of ``(seconds, frame)`` pairs, used as given
             (no sampling; an odd count repeats the last frame, as the processor pads).
         source_fps, duration: the clip's own metadata; read from a file (where they override it),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import pathlib
 import re
 import subprocess
@@ -65,6 +66,8 @@ def test_unreadable_and_missing_files(tmp_path):
         preprocess_video(bad)
     with pytest.raises(VideoError, match="no such file"):
         preprocess_video(tmp_path / "missing.mp4")
+    with pytest.raises(VideoError, match="the video data: cannot be read"):
+        preprocess_video(b"not a video at all")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,11 @@ def test_chat_answers_about_a_video_file(clip, session):
                                                        {"type": "text", "text": "What happens?"}]}], greedy)
     assert again.text == result.text
     assert again.usage.reused_cells >= video.n_tokens
+    # As a data URL: the file's bytes, decoded from memory, the same frames.
+    url = "data:video/x-matroska;base64," + base64.b64encode(path.read_bytes()).decode()
+    third = session.chat([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                                       {"type": "text", "text": "What happens?"}]}], greedy)
+    assert third.text == result.text and third.timings.encode_ms == 0  # every pair from the cache
 
 
 def test_video_that_overflows_the_context_is_refused_before_encoding(gguf_pair, tmp_path):
