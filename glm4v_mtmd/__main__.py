@@ -100,7 +100,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         videos = []
         for path in args.video:  # encoded here, with a progress bar; the message carries the result
             file = pathlib.Path(path).expanduser()
-            video = session.model.encode_video(file, fps=args.video_fps, progress=True)
+            video = session.model.encode_video(file, fps=args.video_fps, max_frames=args.video_max_frames,
+                                               progress=True)
             width, height = video.original_size
             print(f"{file.name}: {len(video.frame_indices)} frames of {width}x{height} sampled, "
                   f"{len(video.pairs)} pairs of {video.pairs[0].n_tokens} tokens", file=sys.stderr)
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a video file (repeatable; needs the [video] extra, PyAV)")
     run.add_argument("--video-fps", type=float, default=None,
                      help="frames sampled per second (GLM-4.1V/4.5V processor; default 2)")
+    run.add_argument("--video-max-frames", type=int, default=None,
+                     help="keep at most this many sampled frames (even; fewer than the model's processor gives)")
     run.set_defaults(func=_cmd_run)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH attaches a picture)")

@@ -386,6 +386,7 @@ class Model:
         variant: Optional[str] = None,
         min_pixels: Optional[int] = None,
         max_pixels: Optional[int] = None,
+        max_frames: Optional[int] = None,
         progress: bool = False,
     ) -> VideoEmbedding:
         """Preprocess a clip as the family's transformers video processor does and encode each frame pair.
@@ -394,8 +395,9 @@ class Model:
             video: a file path (PyAV, the ``[video]`` extra), a uint8 ``(T, H, W, 3)`` array with
                 ``source_fps``, a list of ``(seconds, frame)`` pairs, or a
                 :class:`~glm4v_mtmd.video.PreprocessedVideo`. See :func:`glm4v_mtmd.preprocess_video`.
-            source_fps, duration, fps, min_pixels, max_pixels: as :func:`~glm4v_mtmd.preprocess_video`
-                (pixels over all sampled frames; defaults: the video processors').
+            source_fps, duration, fps, min_pixels, max_pixels, max_frames: as
+                :func:`~glm4v_mtmd.preprocess_video` (pixels over all sampled frames; defaults: the video
+                processors'; ``max_frames`` departs from the reference to fit a long clip).
             variant: ``"glm4v"`` or ``"glm46v"``; default: the one of this model's family.
             progress: a tqdm bar over the pairs.
 
@@ -404,12 +406,13 @@ class Model:
             ContextOverflowError: the video alone needs more tokens than ``n_ctx`` (checked before encoding).
         """
         return self._encode_video(video, None, source_fps=source_fps, duration=duration, fps=fps, variant=variant,
-                                  min_pixels=min_pixels, max_pixels=max_pixels, progress=progress)
+                                  min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
+                                  progress=progress)
 
     def _encode_video(self, video: Any, stats: Optional[CallStats], *, source_fps: Optional[float] = None,
                       duration: Optional[float] = None, fps: Optional[float] = None, variant: Optional[str] = None,
                       min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-                      progress: bool = False) -> VideoEmbedding:
+                      max_frames: Optional[int] = None, progress: bool = False) -> VideoEmbedding:
         from .video import (
             VIDEO_MAX_PIXELS,
             VIDEO_MIN_PIXELS,
@@ -425,7 +428,8 @@ class Model:
             pre = preprocess_video(video, source_fps=source_fps, duration=duration, fps=fps,
                                    variant=variant or default_variant(self.chat_family.name),
                                    min_pixels=VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
-                                   max_pixels=VIDEO_MAX_PIXELS if max_pixels is None else max_pixels)
+                                   max_pixels=VIDEO_MAX_PIXELS if max_pixels is None else max_pixels,
+                                   max_frames=max_frames)
         per_pair = pre.tokens_per_pair
         low, high = (w // PIXELS_PER_TOKEN for w in self._pixel_window)
         if not low <= per_pair <= high:
@@ -442,8 +446,8 @@ class Model:
             raise ContextOverflowError(
                 f"this video needs {needed} tokens ({pre.n_pairs} frame pairs of {per_pair} tokens) and n_ctx is "
                 f"{self.n_ctx}: raise n_ctx, lower max_pixels (the pixels of all sampled frames, now "
-                f"{pre.resized_size[0]}x{pre.resized_size[1]} each), or sample fewer frames (a lower fps, "
-                "glm4v variant)")
+                f"{pre.resized_size[0]}x{pre.resized_size[1]} each), or use fewer frames (max_frames, now "
+                f"{len(pre.frame_indices)}; or a lower fps with the glm4v variant)")
         pairs = []
         bar = None
         if progress and pre.n_pairs > 1:

@@ -138,10 +138,12 @@ class Session:
 
     def encode_video(self, video: Any, *, source_fps: Optional[float] = None, duration: Optional[float] = None,
                      fps: Optional[float] = None, variant: Optional[str] = None, min_pixels: Optional[int] = None,
-                     max_pixels: Optional[int] = None, progress: bool = False) -> VideoEmbedding:
+                     max_pixels: Optional[int] = None, max_frames: Optional[int] = None,
+                     progress: bool = False) -> VideoEmbedding:
         """See :meth:`Model.encode_video`."""
         return self.model.encode_video(video, source_fps=source_fps, duration=duration, fps=fps, variant=variant,
-                                       min_pixels=min_pixels, max_pixels=max_pixels, progress=progress)
+                                       min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
+                                       progress=progress)
 
     # ----------------------------------------------------------------------------- the conversation
 

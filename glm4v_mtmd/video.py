@@ -403,6 +403,7 @@ def preprocess_video(
     variant: Variant = "glm4v",
     min_pixels: int = VIDEO_MIN_PIXELS,
     max_pixels: int = VIDEO_MAX_PIXELS,
+    max_frames: Optional[int] = None,
 ) -> PreprocessedVideo:
     """Sample, size and resize a clip exactly as the variant's transformers video processor does.
 
@@ -417,12 +418,18 @@ def preprocess_video(
         variant: ``"glm4v"`` (GLM-4.1V, GLM-4.5V) or ``"glm46v"`` (GLM-4.6V, GLM-4.6V-Flash).
         min_pixels, max_pixels: the processor's ``size`` (``shortest_edge`` / ``longest_edge``),
             pixels over all sampled frames.
+        max_frames: keep at most this many of the sampled frames (an even number >= 2), spread
+            evenly over them (first and last kept). Not a processor option: with it the model sees
+            fewer frames than transformers would give it (a long clip in a small ``n_ctx``).
 
     Raises:
         VideoError: the video cannot be read or breaks a preprocessing rule.
         ConfigError: an option is invalid, or PyAV is missing for a file.
     """
     _check_variant(variant)
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                   or max_frames < 2 or max_frames % 2):
+        raise ConfigError(f"max_frames={max_frames!r}: must be an even integer >= 2 (frames go in pairs)")
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name}={value!r}: must be a positive integer")
@@ -439,6 +446,10 @@ def preprocess_video(
         indices = sample_frame_indices(source.total_frames, source.source_fps, source.duration,
                                        variant=variant, fps=fps)
         frame_times = tuple(float(i) / source.source_fps for i in indices)
+    if max_frames is not None and len(indices) > max_frames:
+        keep = np.linspace(0, len(indices) - 1, max_frames).round().astype(np.int64)
+        indices = indices[keep]
+        frame_times = tuple(frame_times[int(k)] for k in keep)
     n = len(indices)
     new_h, new_w = video_smart_resize(n, source.height, source.width, min_pixels=min_pixels, max_pixels=max_pixels)
     frames = np.empty((n + n % 2, new_h, new_w, 3), dtype=np.uint8)

@@ -188,3 +188,17 @@ def test_pixel_values_and_grid_match_the_processor(variant, t, h, w, fps):
     got = pre.pixel_values
     assert got.shape == tuple(want.shape)
     np.testing.assert_array_equal(got, want.numpy())  # same float32 ops in the same order: bit-exact
+
+
+def test_max_frames_keeps_an_even_spread_of_the_sampled_frames():
+    clip = _clip(60, 56, 56)
+    full = preprocess_video(clip, source_fps=6.0, duration=10.0)  # 10 s at 2 frames/s: 20 frames
+    cut = preprocess_video(clip, source_fps=6.0, duration=10.0, max_frames=6)
+    assert len(full.frame_indices) == 20
+    assert cut.frame_indices.tolist() == full.frame_indices[[0, 4, 8, 11, 15, 19]].tolist()
+    assert cut.timestamps == tuple(i / 6.0 for i in cut.frame_indices.tolist()[::2])
+    same = preprocess_video(clip, source_fps=6.0, duration=10.0, max_frames=40)
+    assert same.frame_indices.tolist() == full.frame_indices.tolist()
+    for bad in (0, 3, 1.5, True):
+        with pytest.raises(ConfigError, match="max_frames"):
+            preprocess_video(clip, source_fps=6.0, max_frames=bad)

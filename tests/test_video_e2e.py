@@ -106,8 +106,11 @@ def test_video_that_overflows_the_context_is_refused_before_encoding(gguf_pair, 
     text, proj = gguf_pair("glm4v", 0, "f16")
     frames = np.stack([random_image(112, 112, seed=k) for k in range(40)])
     with Session(text, proj, n_ctx=256, n_threads=2) as s:
-        with pytest.raises(ContextOverflowError, match="needs .* tokens"):
+        with pytest.raises(ContextOverflowError, match="needs .* tokens.*max_frames, now 40"):
             s.model.encode_video(frames, source_fps=2)
+        # The knob the error names makes it fit.
+        video = s.model.encode_video(frames, source_fps=2, max_frames=4)
+        assert video.frame_indices == (0, 13, 26, 39) and len(video.pairs) == 2
 
 
 def test_cli_run_with_a_video(clip, gguf_pair, tmp_path):
@@ -121,3 +124,8 @@ def test_cli_run_with_a_video(clip, gguf_pair, tmp_path):
     # 3.5 s at 2 frames/s: frames 0, 2, ..., 12 and the last repeated, as 4 pairs
     assert re.search(r"clip\.mkv: 8 frames of 100x60 sampled, 4 pairs of \d+ tokens", result.stderr), result.stderr
     assert "Traceback" not in result.stderr
+    fewer = subprocess.run(
+        [sys.executable, "-m", "glm4v_mtmd", "run", "-m", str(text), "--mmproj", str(proj), "--video", str(path),
+         "--video-max-frames", "2", "-p", "What happens?", "--max-tokens", "2", "--n-ctx", "2048"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert fewer.returncode == 0 and "2 frames of 100x60 sampled, 1 pairs" in fewer.stderr, fewer.stderr
