@@ -258,8 +258,8 @@ def _render_glm45v(messages: list[dict[str, Any]], enable_thinking: Optional[boo
 
 
 def prompt_parts(rendered: str, media: list[Any]) -> list[Any]:
-    """Split a rendered prompt at the image and video markers and put the media there (a video as
-    :meth:`~glm4v_mtmd.types.VideoEmbedding.prompt_parts`: its markers, pairs and timestamps)."""
+    """Split a rendered prompt at the image and video markers and put the media there (a video is one
+    part: the context expands it into its markers, pairs and timestamps)."""
     pieces = re.split("(" + re.escape(IMAGE_MARKER) + "|" + re.escape(VIDEO_MARKER) + ")", rendered)
     markers = pieces[1::2]
     want = ["video" if isinstance(m, VideoEmbedding) else "image" for m in media]
@@ -272,7 +272,7 @@ def prompt_parts(rendered: str, media: list[Any]) -> list[Any]:
         if text:
             parts.append(text)
         if i < len(media):
-            parts += media[i].prompt_parts() if isinstance(media[i], VideoEmbedding) else [media[i]]
+            parts.append(media[i])
     return parts
 
 

@@ -7,7 +7,7 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -66,6 +66,17 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name}={value!r}: must be a positive integer")
+
+
+@functools.cache
+def _video_patch_applied() -> bool:
+    return "0005-mtmd-glm4v-video-frame-pairs.patch" in _native.engine_info()["patches"]
+
+
+def _check_video_patch() -> None:
+    if not _video_patch_applied():
+        raise ConfigError("video needs the engine patch 0005 (frame pairs), which this build lacks: a user "
+                          "engine checkout (GLM4V_LLAMA_CPP_DIR) is never patched; build with the pinned tree")
 
 
 class Model:
@@ -339,10 +350,16 @@ class Model:
         # limit of 200 bounds what the 28-px minimum side can add), so the engine never resizes.
         check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
         key = content_key(image, (min_pixels, max_pixels)) if self.image_cache.max_bytes else None
+        return self._cached(key, lambda: self._encode_now(image, stats, min_pixels, max_pixels, max_image_pixels))
+
+    def _cached(self, key: Optional[str], encode: Callable[[], ImageEmbedding]) -> ImageEmbedding:
+        """``encode()``'s embedding through the cache under ``key`` (None: not cached).
+
+        One encode per key: threads asking for one being encoded wait for that encode and take its
+        result from the cache (if it failed or did not fit, the next one tries).
+        """
         if not key:
-            return self._encode_now(image, stats, None, min_pixels, max_pixels, max_image_pixels)
-        # One encode per picture: threads asking for a picture being encoded wait for that encode
-        # and take its result from the cache (if it failed or did not fit, the next one tries).
+            return encode()
         while True:
             with self._lock:
                 cached = self.image_cache.get(key)
@@ -354,14 +371,17 @@ class Model:
                     break
             running.wait()
         try:
-            return self._encode_now(image, stats, key, min_pixels, max_pixels, max_image_pixels)
+            emb = encode()
+            with self._lock:
+                self.image_cache.put(key, emb)
+            return emb
         finally:
             with self._lock:
                 del self._encoding[key]
             done.set()
 
-    def _encode_now(self, image: ImageInput, stats: Optional[CallStats], key: Optional[str], min_pixels: int,
-                    max_pixels: int, max_image_pixels: int) -> ImageEmbedding:
+    def _encode_now(self, image: ImageInput, stats: Optional[CallStats], min_pixels: int, max_pixels: int,
+                    max_image_pixels: int) -> ImageEmbedding:
         prepared = prepare_image(image, min_pixels=min_pixels, max_pixels=max_pixels, max_image_pixels=max_image_pixels)
         width, height = prepared.size
         with call_scope():
@@ -370,11 +390,7 @@ class Model:
             stats.preprocess_ms += encoded.preprocess_ms
             stats.encode_ms += encoded.encode_ms
         # The digest is computed from the (read-only) array.
-        emb = ImageEmbedding(encoded.array, encoded.grid, prepared.original_size, prepared.size)
-        if key:
-            with self._lock:
-                self.image_cache.put(key, emb)
-        return emb
+        return ImageEmbedding(encoded.array, encoded.grid, prepared.original_size, prepared.size)
 
     def encode_video(
         self,
@@ -422,6 +438,7 @@ class Model:
             preprocess_video,
         )
 
+        _check_video_patch()  # before a clip is decoded
         if isinstance(video, PreprocessedVideo):
             pre = video
         else:
@@ -459,14 +476,7 @@ class Model:
                 frames = pre.frames[2 * k: 2 * k + 2]
                 key = "pair:" + hashlib.blake2b(frames.tobytes(), digest_size=20).hexdigest() \
                     if self.image_cache.max_bytes else None
-                with self._lock:
-                    emb = self.image_cache.get(key) if key else None
-                if emb is None:
-                    emb = self._encode_pair(frames, stats)
-                    if key:
-                        with self._lock:
-                            self.image_cache.put(key, emb)
-                pairs.append(emb)
+                pairs.append(self._cached(key, lambda frames=frames: self._encode_pair(frames, stats)))
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -479,9 +489,7 @@ class Model:
     def _encode_pair(self, frames: np.ndarray, stats: Optional[CallStats] = None) -> ImageEmbedding:
         """One video frame pair, uint8 ``[2, height, width, 3]`` already at its final size (sides
         multiples of 28): frame 0 through the first temporal kernel, frame 1 through the second."""
-        if "0005-mtmd-glm4v-video-frame-pairs.patch" not in _native.engine_info().get("patches", ()):
-            raise ConfigError("video needs the engine patch 0005 (frame pairs), which this build lacks: a user "
-                              "engine checkout (GLM4V_LLAMA_CPP_DIR) is never patched; build with the pinned tree")
+        _check_video_patch()
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != 2 or frames.shape[3] != 3:
             raise ImageError(f"a frame pair is uint8 [2, height, width, 3], not {frames.dtype} {frames.shape}")
         _, height, width, _ = frames.shape

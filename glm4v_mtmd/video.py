@@ -453,12 +453,18 @@ def preprocess_video(
     n = len(indices)
     new_h, new_w = video_smart_resize(n, source.height, source.width, min_pixels=min_pixels, max_pixels=max_pixels)
     frames = np.empty((n + n % 2, new_h, new_w, 3), dtype=np.uint8)
+    # Resized a few frames at a time: one set of weights per batch, memory bounded for long clips.
+    batch = max(1, min(n, (64 << 20) // (source.height * source.width * 3)))
+    pending: list[np.ndarray] = []
     for k, frame in enumerate(source.frames(indices)):
         frame = _check_frame(frame, f"frame {int(indices[k])}")
         if frame.shape[:2] != (source.height, source.width):
             raise VideoError(f"frame {int(indices[k])} is {frame.shape[1]}x{frame.shape[0]}, the video "
                              f"{source.width}x{source.height}: every frame must have the same size")
-        frames[k] = resize_bicubic_aa_uint8(frame[None], new_h, new_w)[0]
+        pending.append(frame)
+        if len(pending) == batch or k == n - 1:
+            frames[k + 1 - len(pending): k + 1] = resize_bicubic_aa_uint8(np.stack(pending), new_h, new_w)
+            pending.clear()
     if n % 2:  # patchify pads an odd count with the last frame
         frames[n] = frames[n - 1]
     pairs = frames.shape[0] // TEMPORAL_PATCH_SIZE

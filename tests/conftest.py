@@ -76,3 +76,23 @@ def reference_model(hf_checkpoint: Callable[..., pathlib.Path]) -> Callable[...,
         return model
 
     return load
+
+
+@pytest.fixture(scope="session")
+def exact_session(gguf_pair: Callable[..., tuple[pathlib.Path, pathlib.Path]]) -> Any:
+    """``exact_session(arch)``: a cached Session in exact mode (F32 GGUFs, F32 KV cache, no flash
+    attention, n_ctx 1024), closed at the end of the run."""
+    from glm4v_mtmd import Session
+
+    opened: list[Session] = []
+
+    @functools.cache
+    def open_session(arch: str) -> Session:
+        text, proj = gguf_pair(arch, 0, "f32")
+        s = Session(text, proj, n_ctx=1024, n_threads=2, kv_cache_type="f32", flash_attn=False)
+        opened.append(s)
+        return s
+
+    yield open_session
+    for s in opened:
+        s.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,20 +19,9 @@ from glm4v_mtmd.video import patchify_video
 CLIP = np.stack([random_image(56, 112, seed=20 + k) for k in range(4)])
 
 
-@pytest.fixture(scope="module")
-def model_for(gguf_pair: Callable[..., Any]) -> Any:
-    opened: list[Model] = []
-
-    @functools.cache
-    def load(arch: str) -> Model:
-        text, proj = gguf_pair(arch, 0, "f32")
-        model = Model(text, proj, n_ctx=512, n_threads=2, kv_cache_type="f32", flash_attn=False)
-        opened.append(model)
-        return model
-
-    yield load
-    for m in opened:
-        m.close()
+@pytest.fixture
+def model_for(exact_session: Callable[..., Any]) -> Callable[[str], Model]:
+    return lambda arch: exact_session(arch).model
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

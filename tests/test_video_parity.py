@@ -6,7 +6,6 @@ processor's budget), so neither side resizes; preprocessing is test_video.py's b
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,20 +27,9 @@ def clip(n_frames: int) -> np.ndarray:
     return np.stack([random_image(56, 112, seed=40 + k) for k in range(n_frames)])
 
 
-@pytest.fixture(scope="module")
-def session_for(gguf_pair: Callable[..., Any]) -> Any:
-    opened: list[Session] = []
-
-    @functools.cache
-    def open_session(arch: str) -> Session:
-        text, proj = gguf_pair(arch, 0, "f32")
-        s = Session(text, proj, n_ctx=1024, n_threads=2, kv_cache_type="f32", flash_attn=False)
-        opened.append(s)
-        return s
-
-    yield open_session
-    for s in opened:
-        s.close()
+@pytest.fixture
+def session_for(exact_session: Callable[..., Any]) -> Callable[[str], Session]:
+    return exact_session
 
 
 def _both(arch: str, variant: str, n_frames: int, session_for: Any, hf_checkpoint: Any) -> tuple[Any, Any]:
