@@ -20,3 +20,9 @@ set(LLAMA_SUBPROCESS OFF CACHE BOOL "" FORCE)
 set(MTMD_VIDEO OFF CACHE BOOL "" FORCE)
 set(GGML_BUILD_TESTS OFF CACHE BOOL "" FORCE)
 set(GGML_BUILD_EXAMPLES OFF CACHE BOOL "" FORCE)
+# ggml RPC (layers on other machines, `rpc_servers=` / `glm4v-mtmd rpc-server`): on by default.
+# RDMA off: it would make the library depend on libibverbs, which a wheel cannot carry.
+if(NOT DEFINED GGML_RPC)
+  set(GGML_RPC ON CACHE BOOL "ggml: use RPC")
+endif()
+set(GGML_RPC_RDMA OFF CACHE BOOL "" FORCE)

@@ -217,6 +217,12 @@ glm4v_load_params glm4v_load_params_default(void) {
     p.image_min_tokens = 8;
     p.image_max_tokens = 6144;
     p.warmup = 0;
+    p.rpc_servers = nullptr;
+    p.tensor_split = nullptr;
+    p.n_tensor_split = 0;
+    p.mmproj_rpc_server = -1;
+    p.cpu_repack = 1;
+    p.rpc_timeout_ms = 120000;
     return p;
 }
 
@@ -267,10 +273,20 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
             return fail(nullptr, GLM4V_ERR_INVALID_ARGUMENT, "n_ctx * n_parallel does not fit in 32 bits");
         }
 
+        glm4v_rpc_placement rpc;
+        std::string rpc_err;
+        if (!rpc_place(params, rpc, rpc_err)) return fail(nullptr, GLM4V_ERR_LOAD, rpc_err);
+
         m = new glm4v_model();
         llama_model_params mp = llama_model_default_params();
         mp.n_gpu_layers = params->n_gpu_layers;
         mp.load_mode = params->use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+        mp.use_extra_bufts = params->cpu_repack != 0;
+        if (!rpc.devices.empty()) {
+            mp.devices = rpc.devices.data();  // NULL-terminated; RPC first, then local GPUs
+            mp.split_mode = LLAMA_SPLIT_MODE_LAYER;
+            if (!rpc.split.empty()) mp.tensor_split = rpc.split.data();
+        }
         m->model = llama_model_load_from_file(model_path, mp);
         if (!m->model) {
             delete m;
@@ -316,6 +332,10 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
         if (mmproj_path && mmproj_path[0]) {
             mtmd_context_params mcp = mtmd_context_params_default();
             mcp.use_gpu = params->mmproj_use_gpu != 0;
+            if (rpc.mmproj_device) {  // explicit, never the first "GPU" the registry happens to hold
+                mcp.use_gpu = true;
+                mcp.device = rpc.mmproj_device;
+            }
             mcp.print_timings = false;
             mcp.n_threads = params->n_threads_batch;
             mcp.flash_attn_type = (llama_flash_attn_type) params->flash_attn;
@@ -331,6 +351,13 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
                 delete m;
                 return fail(nullptr, GLM4V_ERR_LOAD, fmt("the projector '%s' has no vision encoder", mmproj_path));
             }
+        }
+        m->rpc_endpoints = rpc.endpoints;
+        m->rpc_seen = rpc.failures;
+        if (rpc_check(m)) {
+            const std::string msg = rpc_message(m);
+            delete m;
+            return fail(nullptr, GLM4V_ERR_LOAD, "failed to load: " + msg);
         }
         m->t_load_ms = now_ms() - t0;
         *out = m;

@@ -26,7 +26,8 @@ typedef enum glm4v_status {
     GLM4V_ERR_CANCELLED = 6,
     GLM4V_ERR_BUFFER_TOO_SMALL = 7,
     GLM4V_ERR_INTERNAL = 8,
-    GLM4V_ERR_BUSY = 9         /* every sequence of the model is in use */
+    GLM4V_ERR_BUSY = 9,        /* every sequence of the model is in use */
+    GLM4V_ERR_RPC = 10         /* an RPC server of the model was lost or stopped answering */
 } glm4v_status;
 
 typedef enum glm4v_finish {
@@ -62,7 +63,33 @@ typedef struct glm4v_load_params {
     int32_t image_min_tokens; /* engine-side limits; <= 0 keeps the engine default */
     int32_t image_max_tokens;
     int32_t warmup;           /* 0/1: run the engine's warm-up passes */
+    /* ggml RPC: comma-separated "host:port" servers (NULL or "" = none). Their devices, in
+     * this order and then any local GPUs, hold the offloaded layers (n_gpu_layers; -1 = all). */
+    const char *rpc_servers;
+    /* Share of the offloaded layers per device, in the order above (copied; NULL = by each
+     * device's free memory); n_tensor_split entries, at most 16. */
+    const float *tensor_split;
+    int32_t n_tensor_split;
+    /* Where the projector runs: -1 locally (mmproj_use_gpu picks a local GPU or the CPU),
+     * k >= 0 on the first device of rpc server k. */
+    int32_t mmproj_rpc_server;
+    /* 0/1: let the CPU backend keep weights in its repacked / AMX layouts (faster; 1 by default).
+     * RPC servers never do, so 0 makes a local run compute what they compute. */
+    int32_t cpu_repack;
+    /* RPC connections: a server that does not answer a command within this many milliseconds
+     * counts as lost (0 = wait forever). The model is then unusable: every call fails with
+     * GLM4V_ERR_RPC until it is freed. */
+    int32_t rpc_timeout_ms;
 } glm4v_load_params;
+
+/* A device the engine can use (see glm4v_device_get). */
+typedef struct glm4v_device_info {
+    char name[64];
+    char description[256];
+    int32_t type;             /* 0 CPU, 1 GPU, 2 integrated GPU, 3 accelerator */
+    uint64_t memory_free;
+    uint64_t memory_total;
+} glm4v_device_info;
 
 typedef struct glm4v_model_info {
     int32_t n_vocab;
@@ -128,6 +155,22 @@ glm4v_load_params glm4v_load_params_default(void);
 glm4v_sampling glm4v_sampling_default(void);
 /* Quantize a GGUF text model with the engine's quantizer; ftype is a name like "q4_k_m". */
 glm4v_status glm4v_quantize(const char *src_path, const char *dst_path, const char *ftype, int32_t n_threads);
+
+/* ---- devices and ggml RPC ---- */
+/* Devices of this process's engine (RPC servers are never registered here: they are named
+ * per model in glm4v_load_params.rpc_servers). */
+int32_t glm4v_device_count(void);
+glm4v_status glm4v_device_get(int32_t index, glm4v_device_info *out);
+/* 1 when the engine was built with the RPC backend (GGML_RPC). */
+int32_t glm4v_rpc_available(void);
+/* The RPC protocol version of this build; a server must report exactly this one. */
+void glm4v_rpc_version(int32_t *major, int32_t *minor, int32_t *patch);
+/* Serve this process's devices to RPC clients on endpoint "host:port" (devices_csv: names
+ * such as "CPU" or "CUDA0,CPU"; NULL or "" = every GPU, else the CPU). cache_dir (NULL = off)
+ * keeps large tensors on disk between loads. Blocks, serving one client at a time, until the
+ * server fails (the socket cannot be bound, ...): then GLM4V_ERR_LOAD with the reason. */
+glm4v_status glm4v_rpc_serve(const char *endpoint, const char *cache_dir, int32_t n_threads,
+                             const char *devices_csv);
 
 /* ---- model (text model + projector + the engine context) ---- */
 glm4v_status glm4v_model_load(const char *model_path, const char *mmproj_path,

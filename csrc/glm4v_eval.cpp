@@ -289,6 +289,11 @@ static glm4v_status encode_frames(glm4v_model * m, const uint8_t * rgb0, const u
             rc = mtmd_encode_chunk(m->mctx, chunk);
             t2 = now_ms();
         });
+        if (rpc_check(m)) {
+            cleanup();
+            return fail(s, GLM4V_ERR_RPC, fmt("%s encoding failed: ", what) + rpc_message(m) +
+                                          "; the model's state on its servers is lost: close it and load it again");
+        }
         if (rc != 0) {
             cleanup();
             return fail(s, GLM4V_ERR_IMAGE, fmt("%s encoding failed (code %d)", what, rc));

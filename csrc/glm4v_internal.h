@@ -105,6 +105,23 @@ namespace glm4v_detail {
 void stop_engine(glm4v_model * m);
 }
 
+// Where a model's layers and projector go (glm4v_rpc.cpp): the devices of its RPC servers,
+// in the order given, then local GPUs; NULL-terminated for llama_model_params.devices.
+struct glm4v_rpc_placement {
+    std::vector<std::string> endpoints;
+    std::vector<uint64_t> failures;           // of each endpoint before the load
+    std::vector<ggml_backend_dev_t> devices;  // empty: no RPC servers (the engine's default)
+    std::vector<float> split;                 // llama_max_devices() entries (the engine copies that many); empty = none
+    ggml_backend_dev_t mmproj_device = nullptr;
+};
+
+namespace glm4v_detail {
+bool rpc_place(const glm4v_load_params * params, glm4v_rpc_placement & out, std::string & err);
+// True when one of m's RPC servers failed since the load (sticky); rpc_message says which and how.
+bool rpc_check(glm4v_model * m);
+std::string rpc_message(glm4v_model * m);
+}
+
 struct glm4v_model {
     llama_model * model = nullptr;
     llama_context * lctx = nullptr;
@@ -127,6 +144,14 @@ struct glm4v_model {
     glm4v_scheduler sched;
     std::thread engine;                 // runs every engine step (glm4v_sched.cpp); none when n_parallel = 1
     std::atomic<glm4v_ctx *> inline_ctx{nullptr};  // the caller running a step itself (n_parallel = 1)
+
+    // RPC servers holding layers or the projector (glm4v_rpc.cpp): their failure counts at load,
+    // and whether one has failed since (then every call fails: the engine's state is lost).
+    std::vector<std::string> rpc_endpoints;
+    std::vector<uint64_t> rpc_seen;
+    std::atomic<bool> rpc_lost{false};
+    std::mutex rpc_mu;
+    std::string rpc_lost_msg;
 
     ~glm4v_model() {
         glm4v_detail::stop_engine(this);

@@ -61,11 +61,12 @@ std::vector<glm4v_request *> take_step(glm4v_model * m) {
 constexpr int32_t RC_ROW = -100;    // a token's embedding row could not be read
 constexpr int32_t RC_BATCH = -101;  // the batch refused an entry
 constexpr int32_t RC_LOGITS = -102; // the engine returned no logits
+constexpr int32_t RC_RPC = -103;    // an RPC server of the model failed (now or before)
 
 void run_engine_step(glm4v_model * m, const std::vector<glm4v_request *> & step) {
     llama_batch_ext_clear(m->batch);
     std::vector<int32_t> out_idx(step.size(), -1);
-    int32_t rc = 0;
+    int32_t rc = rpc_check(m) ? RC_RPC : 0;
     for (size_t i = 0; i < step.size() && rc == 0; ++i) {
         glm4v_request * r = step[i];
         const int32_t seq = r->ctx->seq;
@@ -95,6 +96,7 @@ void run_engine_step(glm4v_model * m, const std::vector<glm4v_request *> & step)
         }
     }
     if (rc == 0) rc = llama_process(m->lctx, LLAMA_PROCESS_TYPE_DECODE, m->batch);
+    if (rc != RC_RPC && rpc_check(m)) rc = RC_RPC;  // its replies were zeros: nothing of this step holds
     const std::string errors = rc != 0 ? engine_errors() : std::string();
     for (size_t i = 0; i < step.size(); ++i) {
         glm4v_request * r = step[i];
@@ -243,6 +245,10 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
     // fail() appends this thread's engine log lines; those of a step run on the engine thread come
     // with the request.
     const std::string suffix = m->engine.joinable() ? engine_detail_suffix(req.error) : std::string();
+    if (rc == RC_RPC) {
+        return fail(c, GLM4V_ERR_RPC, fmt("%s failed: ", what) + rpc_message(m) +
+                                      "; the model's state on its servers is lost: close it and load it again");
+    }
     if (rc == 2 || c->cancel.load()) return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
     if (rc == 1) {
         return fail(c, GLM4V_ERR_CONTEXT_FULL,

@@ -14,10 +14,12 @@ from .errors import (
     ImageError,
     ModelLoadError,
     NoFreeContextError,
+    RpcError,
     SessionClosedError,
 )
 from .images import PreprocessedImage, preprocess
 from .model import Model
+from .rpc import RpcServerInfo
 from .selfcheck import sample_image
 from .session import Session
 from .types import (
@@ -53,6 +55,8 @@ __all__ = [
     "NoFreeContextError",
     "PreprocessedImage",
     "PreprocessedVideo",
+    "RpcError",
+    "RpcServerInfo",
     "Session",
     "SessionClosedError",
     "StreamChunk",

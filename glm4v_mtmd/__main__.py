@@ -1,4 +1,4 @@
-"""The ``glm4v-mtmd`` command line: run, chat, serve, convert, info, selfcheck."""
+"""The ``glm4v-mtmd`` command line: run, chat, serve, rpc-server, convert, info, selfcheck."""
 
 from __future__ import annotations
 
@@ -25,7 +25,14 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                         "else Q4_K_M)")
     p.add_argument("--n-ctx", type=int, default=8192, help="context size in KV cells (default 8192)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all available)")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
+    p.add_argument("--n-gpu-layers", type=int, default=None,
+                   help="layers to offload to the GPU or the --rpc servers (-1 = all; default 0, -1 with --rpc)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="ggml RPC servers (`glm4v-mtmd rpc-server` on other machines) that hold the layers")
+    p.add_argument("--tensor-split", default=None, metavar="A,B,...",
+                   help="share of the layers per --rpc server, e.g. 2,1 (default: by free memory)")
+    p.add_argument("--mmproj-device", default=None, metavar="local|HOST:PORT",
+                   help="where the vision projector runs: local (default) or one of the --rpc servers")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +47,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _open(cls: Any, args: argparse.Namespace, **extra: Any) -> Any:
     """A ``Session`` or ``Model`` from ``--model`` (a file, a directory or a hub repo id)."""
     kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, **extra)
+    if args.rpc:
+        kwargs.update(rpc_servers=args.rpc, mmproj_device=args.mmproj_device)
+        if args.tensor_split:
+            kwargs["tensor_split"] = _floats("--tensor-split", args.tensor_split)
+    elif args.tensor_split or args.mmproj_device not in (None, "local"):
+        from .errors import ConfigError
+
+        raise ConfigError("--tensor-split and --mmproj-device place work on --rpc servers; give --rpc too")
     model = pathlib.Path(args.model)
     if model.is_file():
         mmproj = args.mmproj
@@ -48,6 +63,15 @@ def _open(cls: Any, args: argparse.Namespace, **extra: Any) -> Any:
             mmproj = str(candidates[0]) if len(candidates) == 1 else None
         return cls(model, mmproj, **kwargs)
     return cls.from_pretrained(args.model, quant=args.quant, mmproj=args.mmproj, **kwargs)
+
+
+def _floats(flag: str, text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{flag} {text!r}: comma-separated numbers, e.g. 1,1") from None
 
 
 def _open_session(args: argparse.Namespace) -> Any:
@@ -252,6 +276,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rpc_server(args: argparse.Namespace) -> int:
+    from .rpc import serve
+
+    serve(args.host, args.port, threads=args.threads, cache_dir=args.cache or None, devices=args.device)
+    return 1  # serve() only returns by raising
+
+
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
     from .selfcheck import run_selfcheck
 
@@ -310,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="engine version and backends, and a model's metadata")
     info.add_argument("model", nargs="?", help="a text-model GGUF to describe")
     info.set_defaults(func=_cmd_info)
+
+    from .rpc import DEFAULT_PORT, _default_cache_dir
+
+    rpc = sub.add_parser("rpc-server", help="lend this machine's CPU/GPU to a model loaded elsewhere (ggml RPC)",
+                         description="Serve this machine's devices to glm4v-mtmd clients (--rpc HOST:PORT). "
+                                     "The protocol has no authentication: bind loopback (the default) or a "
+                                     "trusted private network only. Ctrl-C stops it.")
+    rpc.add_argument("--host", default="127.0.0.1", help="IPv4 address to bind (default 127.0.0.1: this machine only)")
+    rpc.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    rpc.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all available)")
+    rpc.add_argument("-d", "--device", default=None,
+                     help="devices to serve, comma-separated engine names (default: every GPU, else the CPU)")
+    rpc.add_argument("-c", "--cache", nargs="?", const=_default_cache_dir(), default=None, metavar="DIR",
+                     help=f"keep large tensors on disk so reloads send only hashes (default DIR {_default_cache_dir()})")
+    rpc.set_defaults(func=_cmd_rpc_server)
 
     check = sub.add_parser("selfcheck", help="offline check: a tiny random model through the whole pipeline")
     check.set_defaults(func=_cmd_selfcheck)

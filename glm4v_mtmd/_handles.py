@@ -62,11 +62,18 @@ class Sampling:
 class ModelHandle:
     """Owner of a ``glm4v_model``: load, vocabulary, image encoding, contexts."""
 
-    def __init__(self, model_path: str, mmproj_path: Optional[str], options: dict[str, int]) -> None:
+    def __init__(self, model_path: str, mmproj_path: Optional[str], options: dict[str, int], *,
+                 rpc_servers: Sequence[str] = (), tensor_split: Optional[Sequence[float]] = None) -> None:
         params = ffi.new("glm4v_load_params *")
         params[0] = lib.glm4v_load_params_default()
         for name, value in options.items():
             setattr(params, name, value)
+        # Owned here until the load returns (the engine copies both).
+        servers = ffi.new("char[]", ",".join(rpc_servers).encode()) if rpc_servers else ffi.NULL
+        split = ffi.new("float[]", list(tensor_split)) if tensor_split else ffi.NULL
+        params.rpc_servers = servers
+        params.tensor_split = split
+        params.n_tensor_split = len(tensor_split) if tensor_split else 0
         out = ffi.new("glm4v_model **")
         mmproj = mmproj_path.encode() if mmproj_path else ffi.NULL
         status = lib.glm4v_model_load(model_path.encode(), mmproj, params, out)

@@ -20,6 +20,7 @@ from .errors import (
     Glm4vError,
     ImageError,
     ModelLoadError,
+    RpcError,
 )
 
 try:
@@ -53,6 +54,7 @@ _STATUS_ERRORS: dict[int, type[Glm4vError]] = {
     lib.GLM4V_ERR_BUFFER_TOO_SMALL: EngineError,
     lib.GLM4V_ERR_INTERNAL: EngineError,
     lib.GLM4V_ERR_BUSY: EngineError,
+    lib.GLM4V_ERR_RPC: RpcError,
 }
 
 
@@ -207,8 +209,8 @@ def engine_info() -> dict[str, Any]:
     Returns a dict with ``engine_package`` (the pinned source distribution), ``engine_commit``
     (llama.cpp commit), ``engine_origin``, ``backends`` (compiled ggml backends),
     ``source_dir`` (the engine source tree used by the build), ``patches`` (the files of
-    ``csrc/patches`` applied to it) and ``system_info``
-    (the engine's CPU feature report).
+    ``csrc/patches`` applied to it), ``system_info`` (the engine's CPU feature report) and
+    ``devices`` (:func:`devices`).
     """
     from . import _build_info
 
@@ -221,7 +223,28 @@ def engine_info() -> dict[str, Any]:
         "source_dir": _build_info.ENGINE_SOURCE_DIR,
         "patches": list(getattr(_build_info, "ENGINE_PATCHES", ())),
         "system_info": ffi.string(lib.glm4v_system_info()).decode("utf-8", "replace").strip(),
+        "devices": devices(),
     }
+
+
+_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}
+
+
+def devices() -> list[dict[str, Any]]:
+    """The engine's devices in this process: ``name``, ``description``, ``type`` (CPU, GPU, IGPU,
+    ACCEL), ``memory_free`` and ``memory_total`` in bytes. RPC servers are not listed: a model
+    names its own (``rpc_servers=``)."""
+    out = []
+    info = ffi.new("glm4v_device_info *")
+    for i in range(lib.glm4v_device_count()):
+        check(lib.glm4v_device_get(i, info))
+        out.append({
+            "name": ffi.string(info.name).decode("utf-8", "replace"),
+            "description": ffi.string(info.description).decode("utf-8", "replace"),
+            "type": _DEVICE_TYPES.get(info.type, str(info.type)),
+            "memory_free": int(info.memory_free), "memory_total": int(info.memory_total),
+        })
+    return out
 
 
 def quantize_model(src: str, dst: str, ftype: str, n_threads: int = 0) -> None:

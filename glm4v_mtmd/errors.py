@@ -17,6 +17,7 @@ __all__ = [
     "GenerationError",
     "ConversionError",
     "EngineError",
+    "RpcError",
 ]
 
 
@@ -58,3 +59,9 @@ class ConversionError(Glm4vError):
 
 class EngineError(Glm4vError):
     """The native engine reported an unexpected failure."""
+
+
+class RpcError(GenerationError):
+    """An RPC server of the model (``rpc_servers=``) was lost or did not answer within
+    ``rpc_timeout_s`` during a call. The model's layers and KV cache on that server are gone: every
+    later call on the model raises this again; close the model and load it again."""

@@ -38,6 +38,7 @@ from .images import (
     check_limits,
     prepare_image,
 )
+from .rpc import RpcServers, parse_endpoints, probe
 from .types import GenerationConfig, ImageEmbedding, VideoEmbedding
 
 if TYPE_CHECKING:
@@ -68,6 +69,30 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
         raise ConfigError(f"{name}={value!r}: must be a positive integer")
 
 
+def _check_tensor_split(split: Optional[Sequence[float]], servers: list[str]) -> Optional[list[float]]:
+    if split is None:
+        return None
+    if not servers:
+        raise ConfigError("tensor_split places layers on rpc_servers; none are given")
+    try:
+        values = [float(v) for v in split]
+    except (TypeError, ValueError):
+        raise ConfigError(f"tensor_split={split!r}: a sequence of numbers, one per server") from None
+    if not values or any(not (v >= 0 and v < float("inf")) for v in values) or not any(values):
+        raise ConfigError(f"tensor_split={split!r}: finite numbers >= 0, at least one positive")
+    return values
+
+
+def _mmproj_server(device: Optional[str], servers: list[str]) -> int:
+    """``mmproj_device`` → -1 (local) or the index of the RPC server that runs the projector."""
+    if device is None or device == "local":
+        return -1
+    if isinstance(device, str) and device in servers:
+        return servers.index(device)
+    raise ConfigError(f"mmproj_device={device!r}: 'local' (the default) or one of rpc_servers "
+                      f"({', '.join(servers) or 'none given'})")
+
+
 @functools.cache
 def _video_patch_applied() -> bool:
     return "0005-mtmd-glm4v-video-frame-pairs.patch" in _native.engine_info()["patches"]
@@ -92,7 +117,8 @@ class Model:
         n_parallel: contexts that can be open at once (1..256). Contexts that generate at the same
             time from different threads are decoded together: one engine pass per token for all.
         n_threads: CPU threads (default: the CPUs available to this process).
-        n_gpu_layers: layers to offload to a GPU backend (-1 = all).
+        n_gpu_layers: layers to offload to a GPU backend or to ``rpc_servers`` (-1 = all; the
+            default is 0, or -1 when ``rpc_servers`` are given).
         flash_attn: ``None`` lets the engine decide, ``True``/``False`` force it.
         kv_cache_type: one of :data:`KV_CACHE_TYPES` (``"f32"`` for exact comparisons).
         n_batch: cells per engine batch in prompt evaluation.
@@ -108,6 +134,23 @@ class Model:
             they are encoded once.
         chat_template: a Jinja chat template used instead of the GGUF's ``tokenizer.chat_template``
             (for models whose template does not place images); it decides the family's detection too.
+        rpc_servers: ggml RPC servers (``glm4v-mtmd rpc-server`` on other machines), as a list of
+            ``"host:port"`` or one comma-separated string. The text model's layers are split
+            across their devices in this order (then any local GPU); the token embeddings stay
+            here. Each endpoint is probed first: a wrong one raises :class:`ModelLoadError`.
+            See :mod:`glm4v_mtmd.rpc` for the security warning.
+        tensor_split: share of the layers per server (e.g. ``[2, 1]``); default: by each
+            server's free memory.
+        mmproj_device: where the vision projector runs: ``"local"`` (the default: this
+            machine's GPU if any, else its CPU) or one of ``rpc_servers``.
+        cpu_repack: let the CPU keep the text model's weights in its faster repacked / AMX
+            layouts (quantized types; F16 too on AMX CPUs when ``GGML_CPU_AMX=1``). RPC servers never repack,
+            so ``False`` makes a local run compute exactly what a split run computes.
+        rpc_timeout_s: an RPC server that does not answer a command within this time (it hangs, or
+            its machine is gone) counts as lost, as one whose connection closes does: the call
+            raises :class:`RpcError` and the model is unusable until it is loaded again (its layers
+            and KV cache on that server are gone). It must exceed the longest computation one
+            server runs in a step (a 512-token prompt batch through its layers). 0 = wait forever.
 
     Threads: a model may be shared. Its vocabulary calls run in parallel; image encodes take turns
     on the one projector; each :class:`Context` is one conversation, used by one thread at a time.
@@ -122,7 +165,7 @@ class Model:
         n_ctx: int = 4096,
         n_parallel: int = 1,
         n_threads: Optional[int] = None,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: Optional[int] = None,
         flash_attn: Optional[bool] = None,
         kv_cache_type: str = "f16",
         n_batch: int = 2048,
@@ -132,6 +175,11 @@ class Model:
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         image_cache_mb: float = 256,
         chat_template: Optional[str] = None,
+        rpc_servers: RpcServers = None,
+        tensor_split: Optional[Sequence[float]] = None,
+        mmproj_device: Optional[str] = None,
+        cpu_repack: bool = True,
+        rpc_timeout_s: float = 120.0,
     ) -> None:
         self._handle: Optional[ModelHandle] = None
         self._lock = threading.RLock()  # the image cache, the set of open contexts, closing
@@ -148,8 +196,16 @@ class Model:
         engine = _native.lib.glm4v_load_params_default()
         self._pixel_window = (engine.image_min_tokens * PIXELS_PER_TOKEN, engine.image_max_tokens * PIXELS_PER_TOKEN)
         check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
-        if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+        self.rpc_servers: list[str] = parse_endpoints(rpc_servers)
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if self.rpc_servers else 0
+        if not isinstance(n_gpu_layers, int) or isinstance(n_gpu_layers, bool) or n_gpu_layers < -1:
             raise ConfigError(f"n_gpu_layers={n_gpu_layers!r}: must be an integer >= -1 (-1 = all)")
+        split = _check_tensor_split(tensor_split, self.rpc_servers)
+        mmproj_server = _mmproj_server(mmproj_device, self.rpc_servers)
+        if isinstance(rpc_timeout_s, bool) or not isinstance(rpc_timeout_s, (int, float)) or not (
+                0 <= rpc_timeout_s <= 86400):
+            raise ConfigError(f"rpc_timeout_s={rpc_timeout_s!r}: seconds in 0..86400 (0 = wait forever)")
         if flash_attn not in (None, True, False):
             raise ConfigError(f"flash_attn={flash_attn!r}: must be None, True or False")
         if kv_cache_type not in KV_CACHE_TYPES:
@@ -162,7 +218,8 @@ class Model:
 
         self.model_path = os.fspath(model_path)
         self.mmproj_path = os.fspath(mmproj_path) if mmproj_path is not None else None
-        self._cpu_only = n_gpu_layers == 0 or _native.engine_info()["backends"] == ["CPU"]
+        local_backends = set(_native.engine_info()["backends"]) - {"CPU", "RPC"}
+        self._cpu_only = mmproj_server < 0 and (n_gpu_layers == 0 or not local_backends)
         self.architecture = self._check_files()
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
@@ -175,10 +232,15 @@ class Model:
             "n_threads": threads, "n_threads_batch": threads, "n_gpu_layers": n_gpu_layers,
             "flash_attn": -1 if flash_attn is None else int(flash_attn),
             "type_k": KV_CACHE_TYPES[kv_cache_type], "type_v": KV_CACHE_TYPES[kv_cache_type],
-            "use_mmap": int(use_mmap),
+            "use_mmap": int(use_mmap), "mmproj_rpc_server": mmproj_server, "cpu_repack": int(bool(cpu_repack)),
+            "rpc_timeout_ms": int(rpc_timeout_s * 1000),
         }
+        # Every server answers a hello first: a bad endpoint would abort the process inside the engine.
+        for endpoint in self.rpc_servers:
+            probe(endpoint)
         with call_scope():
-            self._handle = ModelHandle(self.model_path, self.mmproj_path, options)
+            self._handle = ModelHandle(self.model_path, self.mmproj_path, options,
+                                       rpc_servers=self.rpc_servers, tensor_split=split)
         facts = self._handle.facts
         self.n_vocab: int = facts.n_vocab
         self.n_embd: int = facts.n_embd

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from .context import Context, PromptPart
 from .images import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageInput
 from .model import KV_CACHE_TYPES, STOP_PIECES, TEXT_ARCHITECTURES, Model
+from .rpc import RpcServers
 from .types import Evaluation, GenerationConfig, GenerationResult, ImageEmbedding, StreamChunk, VideoEmbedding
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class Session:
         *,
         n_ctx: int = 4096,
         n_threads: Optional[int] = None,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: Optional[int] = None,
         flash_attn: Optional[bool] = None,
         kv_cache_type: str = "f16",
         n_batch: int = 2048,
@@ -51,12 +52,19 @@ class Session:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         image_cache_mb: float = 256,
+        rpc_servers: RpcServers = None,
+        tensor_split: Optional[Sequence[float]] = None,
+        mmproj_device: Optional[str] = None,
+        cpu_repack: bool = True,
+        rpc_timeout_s: float = 120.0,
     ) -> None:
         self.model = Model(
             model_path, mmproj_path, n_ctx=n_ctx, n_parallel=1, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
             flash_attn=flash_attn, kv_cache_type=kv_cache_type, n_batch=n_batch, use_mmap=use_mmap,
             min_pixels=min_pixels, max_pixels=max_pixels, max_image_pixels=max_image_pixels,
-            image_cache_mb=image_cache_mb,
+            image_cache_mb=image_cache_mb, rpc_servers=rpc_servers, tensor_split=tensor_split,
+            mmproj_device=mmproj_device, cpu_repack=cpu_repack,
+            rpc_timeout_s=rpc_timeout_s,
         )
         self.context: Context = self.model.context()
 
