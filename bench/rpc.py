@@ -129,7 +129,7 @@ def main() -> None:
                  "--outtype f16")
     # about --prompt-tokens tokens of text (the random vocabulary is byte-level: ~1 token per byte)
     words = "the quick brown fox jumps over a lazy dog while seven red boxes sit on the table " * 200
-    prompt = "[gMASK]<sop><|user|>\n" + words[: args.prompt_tokens] + "<|assistant|>\n"
+    prompt = ["[gMASK]<sop><|user|>\n" + words[: args.prompt_tokens] + "<|assistant|>\n"]
     cfg = GenerationConfig(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     rounds = []
     with servers(2, args.threads) as eps:
