@@ -127,9 +127,12 @@ def test_a_late_first_token_is_preceded_by_keepalive_pings(tiny_f16: Any) -> Non
         assert pings and max(pings) < min(data)  # only before the first event
         assert lines[-1] == b"data: [DONE]"
         assert json.loads(lines[data[0]][6:])["choices"][0]["delta"]["role"] == "assistant"
-        # A failure after the stream started is an error event (here: the prompt does not fit).
+        # A failure after the stream started is an error event (here: the prompt does not fit). New
+        # pictures, so their encodes (before the size check) outlast keepalive_s: the first ones are
+        # cached now, and without encodes the check can answer within 10 ms, as a plain 400.
         long = "word " * 5000
-        conn, resp = open_stream(srv, {"messages": [user(long, *images)], "max_tokens": 3})
+        fresh = [png_url(112, 112, seed=100 + k) for k in range(6)]
+        conn, resp = open_stream(srv, {"messages": [user(long, *fresh)], "max_tokens": 3})
         events = [line.strip() for line in resp if line.strip().startswith(b"data: ")]
         assert len(events) == 1 and "error" in json.loads(events[0][6:])
     finally:
