@@ -354,6 +354,7 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
         }
         m->rpc_endpoints = rpc.endpoints;
         m->rpc_seen = rpc.failures;
+        if (!rpc.endpoints.empty()) m->rpc_failures = rpc.failure_count;
         if (rpc_check(m)) {
             const std::string msg = rpc_message(m);
             delete m;

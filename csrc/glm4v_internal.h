@@ -110,6 +110,7 @@ void stop_engine(glm4v_model * m);
 struct glm4v_rpc_placement {
     std::vector<std::string> endpoints;
     std::vector<uint64_t> failures;           // of each endpoint before the load
+    uint64_t (*failure_count)(const char * endpoint, char * msg, size_t cap) = nullptr;  // NULL without patch 0006
     std::vector<ggml_backend_dev_t> devices;  // empty: no RPC servers (the engine's default)
     std::vector<float> split;                 // llama_max_devices() entries (the engine copies that many); empty = none
     ggml_backend_dev_t mmproj_device = nullptr;
@@ -149,6 +150,7 @@ struct glm4v_model {
     // and whether one has failed since (then every call fails: the engine's state is lost).
     std::vector<std::string> rpc_endpoints;
     std::vector<uint64_t> rpc_seen;
+    uint64_t (*rpc_failures)(const char * endpoint, char * msg, size_t cap) = nullptr;  // patch 0006's proc
     std::atomic<bool> rpc_lost{false};
     std::mutex rpc_mu;
     std::string rpc_lost_msg;

@@ -78,11 +78,11 @@ bool rpc_place(const glm4v_load_params * params, glm4v_rpc_placement & out, std:
     if (auto set_timeout = rpc_proc<set_timeout_fn>("ggml_backend_rpc_set_timeout_ms")) {
         set_timeout(params->rpc_timeout_ms);
     }
-    auto failures = rpc_proc<failure_count_fn>("ggml_backend_rpc_failure_count");
+    out.failure_count = rpc_proc<failure_count_fn>("ggml_backend_rpc_failure_count");
     std::vector<size_t> first_dev;
     for (const std::string & ep : servers) {
         out.endpoints.push_back(ep);
-        out.failures.push_back(failures ? failures(ep.c_str(), nullptr, 0) : 0);
+        out.failures.push_back(out.failure_count ? out.failure_count(ep.c_str(), nullptr, 0) : 0);
         if (!valid_endpoint(ep)) {
             err = fmt("rpc server '%s': expected host:port", ep.c_str());
             return false;
@@ -138,12 +138,10 @@ bool rpc_place(const glm4v_load_params * params, glm4v_rpc_placement & out, std:
 
 bool rpc_check(glm4v_model * m) {
     if (m->rpc_lost.load()) return true;
-    if (m->rpc_endpoints.empty()) return false;
-    auto failures = rpc_proc<failure_count_fn>("ggml_backend_rpc_failure_count");
-    if (!failures) return false;
+    if (!m->rpc_failures) return false;  // no servers (or an engine without patch 0006)
     for (size_t i = 0; i < m->rpc_endpoints.size(); ++i) {
         char what[512];
-        if (failures(m->rpc_endpoints[i].c_str(), what, sizeof(what)) != m->rpc_seen[i]) {
+        if (m->rpc_failures(m->rpc_endpoints[i].c_str(), what, sizeof(what)) != m->rpc_seen[i]) {
             std::lock_guard<std::mutex> lk(m->rpc_mu);
             if (!m->rpc_lost.load()) {
                 m->rpc_lost_msg = fmt("RPC server %s: %s", m->rpc_endpoints[i].c_str(), what);

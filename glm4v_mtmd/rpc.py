@@ -153,15 +153,6 @@ def probe(endpoint: str, timeout: float = 5.0) -> RpcServerInfo:
     return RpcServerInfo(endpoint, version, n_devices)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "glm4v-mtmd", "rpc")
@@ -185,8 +176,11 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, threads: Optiona
         raise ConfigError(f"--host {host!r}: an IPv4 address to bind, e.g. 127.0.0.1") from None
     if not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"--port {port!r}: must be in 1..65535")
+    from .model import _default_threads  # model imports this module: not at the top
+    from .server import is_loopback
+
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = _default_threads()
     if not isinstance(threads, int) or threads <= 0:
         raise ConfigError(f"--threads {threads!r}: must be a positive integer")
     # The engine reports a taken port only as "failed to create server socket": check first, with
@@ -200,7 +194,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, threads: Optiona
                               "choose another --port)") from None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-    if not _is_loopback(host):
+    if not is_loopback(host):
         print(SECURITY_WARNING, file=sys.stderr, flush=True)
     # The call below blocks in C for the server's lifetime; Python's SIGINT handler would only run
     # after it returns (never). The default action ends the process at once, which is all a server
