@@ -14,11 +14,13 @@ from .errors import (
     ImageError,
     ModelLoadError,
     NoFreeContextError,
+    RemoteError,
     RpcError,
     SessionClosedError,
 )
 from .images import PreprocessedImage, preprocess
 from .model import Model
+from .remote import Connection, connect
 from .rpc import RpcServerInfo
 from .selfcheck import sample_image
 from .session import Session
@@ -39,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Box",
     "ConfigError",
+    "Connection",
     "Context",
     "ContextOverflowError",
     "ConversionError",
@@ -55,6 +58,7 @@ __all__ = [
     "NoFreeContextError",
     "PreprocessedImage",
     "PreprocessedVideo",
+    "RemoteError",
     "RpcError",
     "RpcServerInfo",
     "Session",
@@ -64,6 +68,7 @@ __all__ = [
     "Tokens",
     "VideoEmbedding",
     "VideoError",
+    "connect",
     "cpu_features",
     "draw_boxes",
     "engine_info",

@@ -6,6 +6,8 @@ part of the pipeline failed so callers can catch what they can handle.
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = [
     "Glm4vError",
     "ConfigError",
@@ -18,6 +20,7 @@ __all__ = [
     "ConversionError",
     "EngineError",
     "RpcError",
+    "RemoteError",
 ]
 
 
@@ -65,3 +68,17 @@ class RpcError(GenerationError):
     """An RPC server of the model (``rpc_servers=``) was lost or did not answer within
     ``rpc_timeout_s`` during a call. The model's layers and KV cache on that server are gone: every
     later call on the model raises this again; close the model and load it again."""
+
+
+class RemoteError(Glm4vError):
+    """A remote endpoint (:func:`glm4v_mtmd.connect`) could not be reached, refused a request or
+    answered something unreadable.
+
+    Attributes:
+        status: the HTTP status code, or None when there was no HTTP answer (connection refused,
+            timeout, a reply cut off or malformed).
+    """
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
