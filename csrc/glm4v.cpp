@@ -287,7 +287,18 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
             mp.split_mode = LLAMA_SPLIT_MODE_LAYER;
             if (!rpc.split.empty()) mp.tensor_split = rpc.split.data();
         }
+        m->rpc_endpoints = rpc.endpoints;
+        m->rpc_seen = rpc.failures;
+        if (!rpc.endpoints.empty()) m->rpc_failures = rpc.failure_count;
+        // A server lost while the weights (or the KV cache, or the projector) go out fails the load
+        // with the server's name, not with the allocation that happened to fail after it.
+        auto rpc_lost = [&]() {
+            const std::string msg = rpc_message(m);
+            delete m;
+            return fail(nullptr, GLM4V_ERR_LOAD, "failed to load: " + msg);
+        };
         m->model = llama_model_load_from_file(model_path, mp);
+        if (rpc_check(m)) return rpc_lost();
         if (!m->model) {
             delete m;
             return fail(nullptr, GLM4V_ERR_LOAD, fmt("failed to load the text model '%s'", model_path));
@@ -313,6 +324,7 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
         cp.abort_callback_data = m;
         cp.no_perf = false;
         m->lctx = llama_init_from_model(m->model, cp);
+        if (rpc_check(m)) return rpc_lost();
         if (!m->lctx) {
             delete m;
             return fail(nullptr, GLM4V_ERR_LOAD,
@@ -343,6 +355,7 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
             mcp.image_min_tokens = params->image_min_tokens;
             mcp.image_max_tokens = params->image_max_tokens;
             m->mctx = mtmd_init_from_file(mmproj_path, m->model, mcp);
+            if (rpc_check(m)) return rpc_lost();
             if (!m->mctx) {
                 delete m;
                 return fail(nullptr, GLM4V_ERR_LOAD, fmt("failed to load the projector '%s'", mmproj_path));
@@ -352,14 +365,7 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
                 return fail(nullptr, GLM4V_ERR_LOAD, fmt("the projector '%s' has no vision encoder", mmproj_path));
             }
         }
-        m->rpc_endpoints = rpc.endpoints;
-        m->rpc_seen = rpc.failures;
-        if (!rpc.endpoints.empty()) m->rpc_failures = rpc.failure_count;
-        if (rpc_check(m)) {
-            const std::string msg = rpc_message(m);
-            delete m;
-            return fail(nullptr, GLM4V_ERR_LOAD, "failed to load: " + msg);
-        }
+        if (rpc_check(m)) return rpc_lost();
         m->t_load_ms = now_ms() - t0;
         *out = m;
         return GLM4V_OK;

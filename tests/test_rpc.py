@@ -396,3 +396,179 @@ def test_server_lost_during_a_call_is_an_rpc_error(servers: list[str], moe4: Cal
         if victim.poll() is None:
             victim.send_signal(signal.SIGCONT)
         stop(victim)
+
+
+# ------------------------------------------------------------------------------------------ failures during load
+
+
+class Relay:
+    """A TCP relay in front of an RPC server that fails the connection which carries the weights.
+
+    Each client connection gets its own link to the server. Once a connection has sent more than
+    ``after`` bytes towards the server (the probe's few bytes never get there; a load's tensor
+    uploads do), the relay either closes both sides ("cut": the server died) or stops forwarding
+    and holds them open ("stall": the server froze).
+    """
+
+    def __init__(self, target: str, mode: str, after: int = 64 << 10) -> None:
+        self.target = target.rsplit(":", 1)
+        self.mode, self.after = mode, after
+        self.tripped = threading.Event()
+        self.held: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection((self.target[0], int(self.target[1])))
+            self.held += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        sent = 0
+        with contextlib.suppress(OSError):
+            while not self.tripped.is_set():
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if upstream and sent + len(data) > self.after:
+                    self.tripped.set()
+                    if self.mode == "cut":
+                        for s in (src, dst):
+                            s.close()
+                    return  # "stall": nothing more is forwarded; the sockets stay open
+                dst.sendall(data)
+                sent += len(data)
+        if not self.tripped.is_set():  # one side closed: so does the other (a server serves one client)
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.held:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+LOAD_CHILD = r"""
+import sys, time
+from glm4v_mtmd import GenerationConfig, ModelLoadError, Session
+text, proj, ep, healthy = sys.argv[1:5]
+t0 = time.monotonic()
+try:
+    Session(text, proj, n_ctx=512, n_threads=2, rpc_servers=[ep], rpc_timeout_s=3)
+    print("LOADED", flush=True)
+except ModelLoadError as e:
+    print(f"LOADERROR {time.monotonic() - t0:.2f} {e}", flush=True)
+with Session(text, proj, n_ctx=512, n_threads=2, rpc_servers=[healthy]) as s:
+    cfg = GenerationConfig(max_tokens=4, ignore_eos=True)
+    print("HEALTHY", len(s.generate(["[gMASK]<sop><|user|>\nhi<|assistant|>\n"], cfg).token_ids), flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["cut", "stall"])
+def test_server_lost_during_load_is_a_load_error(servers: list[str], moe4: Callable, tmp_path: pathlib.Path,
+                                                 mode: str) -> None:
+    text, proj = moe4("f32")
+    assert text.stat().st_size > 4 * (64 << 10)  # the weights cross the relay's limit
+    port = free_port()
+    backend = start_server(tmp_path, port)
+    relay = None
+    try:
+        wait_ready(f"127.0.0.1:{port}", backend)
+        relay = Relay(f"127.0.0.1:{port}", mode)
+        out = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(text), str(proj), relay.endpoint, servers[1]],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert relay.tripped.is_set()
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith("LOADERROR"), out.stdout
+        # a dead server fails the load at once; a frozen one after rpc_timeout_s (3 s)
+        elapsed = float(lines[0].split()[1])
+        assert elapsed < (10.0 if mode == "cut" else 3.0 + 10.0), lines[0]
+        assert f"failed to load: RPC server {relay.endpoint}: the connection was lost" in lines[0]
+        assert lines[1] == "HEALTHY 4"
+    finally:
+        if relay is not None:
+            relay.close()
+        stop(backend)
+
+
+# ------------------------------------------------------------------------------------------ serve --rpc
+
+
+def test_serve_with_rpc_and_a_lost_server(servers: list[str], moe4: Callable, tmp_path: pathlib.Path) -> None:
+    """``glm4v-mtmd serve --rpc``: the answers of a local model; a lost server turns the server
+    unavailable (503 with the endpoint, on /health too) without killing it."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    import http.client
+
+    from glm4v_mtmd import Model, RemoteError, connect
+
+    text, proj = moe4("f32")
+    victim_port, http_port = free_port(), free_port()
+    victim = start_server(tmp_path, victim_port)
+    victim_ep = f"127.0.0.1:{victim_port}"
+    serve = None
+    try:
+        wait_ready(victim_ep, victim)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "glm4v_mtmd", "serve", "-m", str(text), "--mmproj", str(proj),
+             "--port", str(http_port), "--parallel", "1", "--n-ctx", "1024", "-t", str(THREADS),
+             "--rpc", f"{servers[0]},{victim_ep}", "--tensor-split", "1,1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+        def health() -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+            try:
+                conn.request("GET", "/health")
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            finally:
+                conn.close()
+
+        deadline = time.monotonic() + 90
+        while True:
+            assert serve.poll() is None, serve.stdout.read() if serve.stdout else ""
+            with contextlib.suppress(OSError):
+                if health()[0] == 200:
+                    break
+            assert time.monotonic() < deadline, "serve --rpc did not come up"
+            time.sleep(0.2)
+        messages = [{"role": "user", "content": [{"type": "image", "image": random_image(84, 84, seed=3)},
+                                                 {"type": "text", "text": "Describe this image."}]}]
+        cfg = GenerationConfig(max_tokens=16, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                               ignore_eos=True)
+        remote = connect(f"http://127.0.0.1:{http_port}")
+        reply = remote.chat(messages, cfg)
+        with Model(text, proj, n_ctx=1024, n_threads=THREADS, n_parallel=1, cpu_repack=False) as model:
+            with model.context() as ctx:
+                local = ctx.chat(messages, cfg)
+        assert (reply.reasoning, reply.answer) == (local.reasoning, local.answer)
+        assert reply.usage.completion_tokens == 16
+
+        victim.kill()
+        victim.wait(timeout=10)
+        with pytest.raises(RemoteError) as lost:
+            remote.chat(messages, cfg)
+        assert lost.value.status == 503 and victim_ep in str(lost.value), str(lost.value)
+        status, body = health()
+        assert status == 503 and victim_ep.encode() in body and b"restart" in body
+        assert serve.poll() is None  # the server lives on, saying why it cannot answer
+    finally:
+        if serve is not None:
+            serve.terminate()
+            try:
+                serve.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                serve.wait()
+        stop(victim)

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .. import __version__
+from ..errors import RpcError
 from .jobs import Job, to_request_error
 from .page import ui_routes
 from .pool import ContextPool, QueueFullError
@@ -125,6 +126,9 @@ class ServerState:
         self.model: Any = None
         self.pool: Optional[ContextPool] = None
         self.load_error: Optional[str] = None
+        #: Set when the loaded model became unusable (an RPC server of it was lost): ``/health`` and the
+        #: API then answer 503 with this message, so health checks see it.
+        self.lost: Optional[str] = None
         self.executor: Optional[ThreadPoolExecutor] = None
         self.created = now()
         #: Called (on the loop) when the model fails to load; ``run`` stops the server with it.
@@ -202,7 +206,9 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
         return ok
 
     def unavailable() -> Optional[Response]:
-        """503 while the model loads (or after it failed to), else None."""
+        """503 while the model loads (or after it failed to, or after it was lost), else None."""
+        if state.lost is not None:
+            return JSONResponse(error_body(state.lost, 503, "unavailable_error"), status_code=503)
         if state.model is not None:
             return None
         return JSONResponse(error_body(state.load_error or "Loading model", 503, "unavailable_error"),
@@ -293,6 +299,9 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
 
         def done() -> None:
             state.metrics.add("image_encodes_total", job.images_encoded)
+            if isinstance(job.error, RpcError) and state.lost is None:
+                state.lost = to_request_error(job.error).message
+                logger.error("the model is lost, every request now fails until a restart: %s", job.error)
             if job.finish == "cancelled":
                 state.metrics.add("generations_cancelled_total")
             loop.call_soon_threadsafe(pool.release, slot, req.message_keys)

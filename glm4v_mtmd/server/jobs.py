@@ -18,7 +18,7 @@ from .. import chat as _chat
 from .._prompt import CallStats
 from ..chat import ChatChunk, OutputSplitter, ground_boxes
 from ..context import tokens_per_call
-from ..errors import ContextOverflowError, GenerationError, Glm4vError, ImageError, SessionClosedError
+from ..errors import ContextOverflowError, GenerationError, Glm4vError, ImageError, RpcError, SessionClosedError
 from .protocol import ChatRequest, RequestError
 
 
@@ -32,6 +32,8 @@ def to_request_error(exc: BaseException) -> RequestError:
         return RequestError(str(exc))
     if isinstance(exc, SessionClosedError):
         return RequestError("the server is shutting down", status=503, kind="unavailable_error")
+    if isinstance(exc, RpcError):  # the model is gone until the server is restarted
+        return RequestError(f"{exc} (restart glm4v-mtmd serve)", status=503, kind="unavailable_error")
     if isinstance(exc, Glm4vError):
         return RequestError(str(exc), status=500, kind="server_error")
     return RequestError(f"internal error: {type(exc).__name__}", status=500, kind="server_error")
@@ -49,6 +51,7 @@ class Job:
         self.images_encoded = 0
         self.cancelled = threading.Event()
         self.finish: Optional[str] = None
+        self.error: Optional[BaseException] = None  # what ended the run, if it failed
         self._lock = threading.Lock()
         self._finished = False  # the context is no longer this job's (it may serve the next request)
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -114,6 +117,7 @@ class Job:
         except BaseException as exc:  # noqa: BLE001 - every failure goes to the client as an error object
             if self.cancelled.is_set():
                 self.finish = "cancelled"
+            self.error = exc
             self._emit("error", exc)
         finally:
             with self._lock:
