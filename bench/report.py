@@ -136,7 +136,9 @@ def save_results(out_dir: pathlib.Path, suffix: str, data: dict, ratios: list[Ra
     full = {"date": now.isoformat(timespec="seconds"), **data, "ratios": [as_json(r) for r in ratios],
             "absolute": [{"quantity": n, "unit": u, **s} for n, u, s in table]}
     path = out_dir / f"{stem}.json"
-    path.write_text(json.dumps(full, indent=1), encoding="utf-8")
+    # Paths under the home directory are written as ~/...: results name no machine's directories.
+    text = json.dumps(full, indent=1).replace(json.dumps(str(pathlib.Path.home()))[1:-1] + "/", "~/")
+    path.write_text(text, encoding="utf-8")
     chart(ratios, out_dir / f"{stem}.png", title)
     print(markdown_table(ratios) + "\n\n" + absolute_table(table))
     print(f"\nwrote {out_dir / stem}.json and .png", file=sys.stderr)

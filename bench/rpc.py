@@ -9,17 +9,16 @@ cross the network per generated token and per prompt token, both directions.
 
 On one machine the servers share the client's cores, so the ratio is an upper bound on the
 overhead of the protocol itself (no wire latency): ``--threads`` is given to the client and to each
-server. Writes ``bench/results/<date>-<host>-<cpu>-rpc.json``.
+server. Writes ``bench/results/<date>-<host>-<cpu>-rpc-<preset>.json`` and its chart.
 
     python bench/make_model.py --preset quick --out ~/.cache/glm4v-mtmd/bench/models --outtype f16
-    python bench/rpc.py --rounds 3
+    python bench/rpc.py --rounds 3                  # --preset 1b: 20 layers, closer to a real model's step
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import pathlib
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from report import ratio, result_stem
+from report import ratio, save_results, summary
 from run import HERE, SCRATCH
 
 import glm4v_mtmd
@@ -117,16 +116,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--model", default=None, help="text GGUF (default: the quick preset's F16 in the scratch dir)")
+    ap.add_argument("--preset", choices=("quick", "1b"), default="quick",
+                    help="make_model.py preset whose F16 pair (in the scratch dir) is measured")
+    ap.add_argument("--model", default=None, help="text GGUF (default: the preset's F16 in the scratch dir)")
     ap.add_argument("--mmproj", default=None)
     ap.add_argument("--scratch", type=pathlib.Path, default=SCRATCH)
     args = ap.parse_args()
     gguf = args.scratch / "models" / "gguf"
-    text = args.model or str(gguf / "glm4v-bench-quick-F16.gguf")
-    proj = args.mmproj or str(gguf / "mmproj-glm4v-bench-quick-F16.gguf")
+    text = args.model or str(gguf / f"glm4v-bench-{args.preset}-F16.gguf")
+    proj = args.mmproj or str(gguf / f"mmproj-glm4v-bench-{args.preset}-F16.gguf")
     if not pathlib.Path(text).exists():
-        sys.exit(f"{text} is missing: python bench/make_model.py --preset quick --out {args.scratch / 'models'} "
-                 "--outtype f16")
+        sys.exit(f"{text} is missing: python bench/make_model.py --preset {args.preset} "
+                 f"--out {args.scratch / 'models'} --outtype f16")
     # about --prompt-tokens tokens of text (the random vocabulary is byte-level: ~1 token per byte)
     words = "the quick brown fox jumps over a lazy dog while seven red boxes sit on the table " * 200
     prompt = ["[gMASK]<sop><|user|>\n" + words[: args.prompt_tokens] + "<|assistant|>\n"]
@@ -154,17 +155,18 @@ def main() -> None:
                 [x["local"]["decode_tok_s"] for x in rounds], target=">= 0.8", higher_is_better=True)
     pre = ratio("prompt eval tok/s, rpc / local", [x["rpc"]["prompt_tok_s"] for x in rounds],
                 [x["local"]["prompt_tok_s"] for x in rounds], target=">= 0.8", higher_is_better=True)
-    print(f"decode ratio {dec.median:.3f} [{dec.low:.3f}-{dec.high:.3f}], prompt ratio {pre.median:.3f} "
-          f"[{pre.low:.3f}-{pre.high:.3f}]; {traffic['bytes_per_generated_token'] / 1024:.1f} KiB per generated "
-          f"token, {traffic['bytes_per_prompt_token'] / 1024:.1f} KiB per prompt token")
-    out = HERE / "results" / f"{result_stem('-rpc')}.json"
-    out.write_text(json.dumps({
-        "what": "two local rpc-server processes (tensor_split 1,1) against the local run, alternating rounds",
-        "model": text, "threads": args.threads, "engine": glm4v_mtmd.engine_info()["engine_commit"],
-        "decode_ratio": {"median": dec.median, "min": dec.low, "max": dec.high},
-        "prompt_ratio": {"median": pre.median, "min": pre.low, "max": pre.high},
-        "traffic": traffic, "rounds": rounds}, indent=2))
-    print(f"wrote {out}")
+    quantities = (("decode", "decode_tok_s"), ("prompt eval", "prompt_tok_s"))
+    table = [(f"{side}, {what}", "tok/s", summary([x[side][key] for x in rounds]))
+             for side in ("local", "rpc") for what, key in quantities]
+    table += [("network per generated token", "KiB", summary([traffic["bytes_per_generated_token"] / 1024])),
+              ("network per prompt token", "KiB", summary([traffic["bytes_per_prompt_token"] / 1024]))]
+    data = {"benchmark": "rpc", "what": "two local rpc-server processes (tensor_split 1,1) against the local run, "
+            "alternating rounds; the servers share this machine's cores with the client",
+            "engine": glm4v_mtmd.engine_info(), "cpu": sorted(glm4v_mtmd.cpu_features()),
+            "settings": {**{k: str(v) for k, v in vars(args).items()}, "model": text, "mmproj": proj},
+            "traffic": traffic, "rounds": rounds}
+    save_results(HERE / "results", "-rpc" + ("" if args.model else f"-{args.preset}"), data, [dec, pre], table,
+                 "Layers on two local RPC servers against the local run")
 
 
 if __name__ == "__main__":
