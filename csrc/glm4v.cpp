@@ -213,9 +213,14 @@ glm4v_load_params glm4v_load_params_default(void) {
     p.type_v = GGML_TYPE_F16;
     p.use_mmap = 1;
     p.mmproj_use_gpu = 1;
-    // Transformers' Glm4vImageProcessor limits (12544 / 9633792 pixels over two frames).
-    p.image_min_tokens = 8;
-    p.image_max_tokens = 6144;
+    // The engine's per-image window: outside it mtmd resizes an image (or a video's frame pair) again.
+    // Still images are kept to transformers' Glm4vImageProcessor limits (8 .. 6144 tokens) in Python.
+    // Video frame pairs share one budget over the whole clip (the video processors' max_pixels,
+    // 47040000 = 30000 tokens), so one pair of a 2-frame clip can reach 30000 tokens and a pair of a
+    // long clip can come down to a single token: the window spans both, and the engine never
+    // rescales what the processor made. Warm-up does not grow with it (GLM4V warms up at 46x46 tokens).
+    p.image_min_tokens = 1;
+    p.image_max_tokens = 30000;
     p.warmup = 0;
     p.rpc_servers = nullptr;
     p.tensor_split = nullptr;

@@ -328,7 +328,9 @@ def test_session_max_image_pixels_rejects_large_images_and_session_survives(gguf
         assert s.encode_image(random_image(400, 300), max_image_pixels=200_000).n_tokens > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"max_pixels": 6145 * 1568}, {"min_pixels": 7 * 1568}, {"max_image_pixels": 0}])
+# The engine's window is 1 .. 30,000 tokens (as wide as a video frame pair can be); 1 token = 1,568 pixels.
+@pytest.mark.parametrize("kwargs", [{"max_pixels": 30001 * 1568}, {"min_pixels": 1567, "max_pixels": 1568 * 8},
+                                    {"max_image_pixels": 0}])
 def test_limits_outside_the_engine_window_are_rejected(gguf_pair, kwargs):
     with pytest.raises(ConfigError):
         Session(*gguf_pair("glm4v", 0, "f32"), n_ctx=128, n_threads=1, **kwargs)
