@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from cli_target import run_measured
+from cli_target import cli_build_dir, run_measured
 from make_model import build
 from report import ratio, save_results, summary
 
@@ -179,7 +179,7 @@ def main() -> None:
 
     files = build("quick", SCRATCH / "models", ["f16"])
     model_path, mmproj_path = files["f16"]
-    binary = build_batched_bench(SCRATCH / "cli-build")
+    binary = build_batched_bench(cli_build_dir(SCRATCH))
 
     runs: dict[int, dict[str, list[float]]] = {n: {"pkg": [], "seq": [], "tool": [], "shared": []} for n in COUNTS}
     with Model(model_path, mmproj_path, n_ctx=args.n_ctx, n_parallel=max(COUNTS), n_threads=args.threads,

@@ -12,6 +12,7 @@ chunks; the prompt time compared here is that figure minus the encode time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import re
@@ -41,6 +42,18 @@ class RunSpec:
     n_tokens: int
     n_ctx: int
     n_threads: int
+
+
+def cli_build_dir(scratch: pathlib.Path) -> pathlib.Path:
+    """Where ``bench/cli`` is built: ``scratch/cli-build``, unless another checkout (a CI clone, a
+    worktree) configured it; CMake ties a build directory to one source directory, so such a
+    checkout gets ``cli-build-<hash of its path>`` of its own."""
+    source = HERE / "cli"
+    shared = scratch / "cli-build"
+    cache = shared / "CMakeCache.txt"
+    if not cache.exists() or f"CMAKE_HOME_DIRECTORY:INTERNAL={source}\n" in cache.read_text(errors="replace"):
+        return shared
+    return scratch / f"cli-build-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
 
 
 def build_cli(build_dir: pathlib.Path, jobs: int = 2) -> pathlib.Path:

@@ -23,7 +23,7 @@ import pathlib
 import statistics
 from dataclasses import asdict
 
-from cli_target import RunSpec, build_cli
+from cli_target import RunSpec, build_cli, cli_build_dir
 from PIL import Image
 from report import ratio, result_stem
 from run import HERE, SCRATCH, col, interleaved
@@ -44,7 +44,7 @@ def main() -> None:
     spec = RunSpec(str(models / "glm4v-bench-1b-Q4_K_M.gguf"), str(models / "mmproj-glm4v-bench-quick-F16.gguf"),
                    str(image), " ".join(["Describe this picture: its objects and colours."] * args.prompt_repeats),
                    256, 4096, args.threads)
-    runs = interleaved(build_cli(args.scratch / "cli-build"), spec, args.pairs, False, package_kind="decode")
+    runs = interleaved(build_cli(cli_build_dir(args.scratch)), spec, args.pairs, False, package_kind="decode")
     cli, pkg = col(runs["cli"], "decode_tok_s"), col(runs["package"], "decode_tok_s")
     r = ratio("decode tok/s, package / CLI", pkg, cli, higher_is_better=True)
     result = {"median": r.median, "min": r.low, "max": r.high,

@@ -14,6 +14,14 @@ also pays its one-time costs, such as the first touch of the engine's compute bu
     python bench/first_image.py --quick   # GLM-4.1V vision tower, small text model, 448x336: ~3 min
     python bench/first_image.py           # + GLM-4.1V-9B's text layer shape (5 layers), 1008x756: ~20 min
     python bench/first_image.py --pairs 5 # medians of 5 pairs: ~15 min once the model exists
+    python bench/first_image.py --isa avx2  # both sides limited to AVX2 (see ISAS): the laptop class
+
+``--isa avx2`` measures the CPUs most laptops have (AVX2, FMA, F16C; no AVX512) on a bigger one: the
+package is built again for that class alone (``GGML_NATIVE=OFF`` and the flags in ``ISAS``, into the
+scratch directory with pip, incremental after the first ~5 minutes) and its workers import that build;
+torch is held to AVX2 by ``ATEN_CPU_CAPABILITY`` and oneDNN's ``ONEDNN_MAX_CPU_ISA``. Each run records
+what it really ran (the engine's CPU features, torch's capability), and the results carry the class in
+their name.
 
 Model (``make_model.py --preset first-image``): the real GLM-4.1V vision tower (depth 24, hidden
 1536, 12 heads, MLP 4096 wide, merger 4096 -> 13696 -> 4096) and 5 text layers of the 9B model's
@@ -26,8 +34,10 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from make_model import build
 from report import Ratio, ratio, save_results, summary
@@ -52,40 +62,66 @@ class Plan:
     n_ctx: int
 
 
+# CPU classes a run can be limited to: the engine's CMake flags and torch's environment for each.
+ISAS: dict[str, dict[str, dict[str, str]]] = {
+    "avx2": {
+        "cmake": {"GGML_NATIVE": "OFF", "GGML_SSE42": "ON", "GGML_AVX": "ON", "GGML_AVX2": "ON", "GGML_FMA": "ON",
+                  "GGML_F16C": "ON", "GGML_BMI2": "ON", "GGML_AVX_VNNI": "OFF", "GGML_AVX512": "OFF",
+                  "GGML_AVX512_VBMI": "OFF", "GGML_AVX512_VNNI": "OFF", "GGML_AVX512_BF16": "OFF",
+                  "GGML_AMX_TILE": "OFF", "GGML_AMX_INT8": "OFF", "GGML_AMX_BF16": "OFF"},
+        "torch": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    },
+}
+REPO = HERE.parent
+
+
+def isa_package(isa: str, scratch: pathlib.Path) -> pathlib.Path:
+    """The package built for CPU class ``isa`` alone (pip, into ``scratch``; incremental): its directory."""
+    root = scratch / f"isa-{isa}"
+    site = root / "site"
+    defines = [f"-Ccmake.define.{k}={v}" for k, v in ISAS[isa]["cmake"].items()]
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(site),
+                    f"-Cbuild-dir={root / 'build'}", *defines, str(REPO)], check=True)
+    return site
+
+
 QUICK = Plan("quick", (448, 336), (224, 168), 16, 2, 1024)
 # 128 generated tokens: over 32 (~1.3 s here) single decode rates varied by 1.5x on the VM
 FULL = Plan("first-image", (1008, 756), (336, 252), 128, 3, 2048)
 
 
-def probe_transformers(hf_dir: str, image: str, threads: int) -> tuple[str, list[dict]]:
+def probe_transformers(hf_dir: str, image: str, threads: int,
+                       env: Optional[dict[str, str]] = None) -> tuple[str, list[dict]]:
     """Each dtype on a small image (encode + prefill); the fastest one's name and all results."""
     probes = []
     for dtype in HF_DTYPES:
         spec = {"hf_dir": hf_dir, "image": image, "dtype": dtype, "n_threads": threads, "text": PROMPT_TEXT}
-        probes.append(run_worker("first_image_transformers", spec))
+        probes.append(run_worker("first_image_transformers", spec, env))
         print(f"  transformers {dtype} probe: {probes[-1]['encode_ms']:.0f} ms encode", file=sys.stderr)
     fastest = min(probes, key=lambda p: p["encode_ms"] + p["prefill_ms"])
     return fastest["dtype"], probes
 
 
 def measure(plan: Plan, files: dict[str, list[str]], image: str, threads: int, hf_dtype: str,
-            chosen: str) -> dict[str, list[dict]]:
+            chosen: str, envs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, list[dict]]:
     """``plan.pairs`` pairs of (package with ``chosen`` precision, transformers ``hf_dtype``), alternating,
     plus the package with the other precision once per pair."""
     other = "bf16" if chosen == "f16" else "f16"
     runs: dict[str, list[dict]] = {"package": [], "package_other": [], "transformers": []}
+    envs = envs or {}
 
     def package(precision: str, seed: int) -> dict:
         model, mmproj = files[precision]
         return run_worker("first_image_package", {"model": model, "mmproj": mmproj, "image": image,
                                                   "text": PROMPT_TEXT, "n_tokens": plan.n_tokens,
                                                   "n_ctx": plan.n_ctx, "n_threads": threads, "seed": seed,
-                                                  "second_image": precision == chosen})
+                                                  "second_image": precision == chosen}, envs.get("package"))
 
     def transformers(seed: int) -> dict:
         return run_worker("first_image_transformers", {"hf_dir": files["hf_dir"][0], "image": image, "dtype": hf_dtype,
                                                        "n_threads": threads, "text": PROMPT_TEXT,
-                                                       "n_tokens": plan.n_tokens, "second_image": True})
+                                                       "n_tokens": plan.n_tokens, "second_image": True},
+                          envs.get("transformers"))
 
     for i in range(plan.pairs):
         order = ("package", "transformers") if i % 2 == 0 else ("transformers", "package")
@@ -143,31 +179,41 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--pairs", type=int, help="override the number of pairs")
     ap.add_argument("--scratch", type=pathlib.Path, default=SCRATCH, help="models go here")
+    ap.add_argument("--isa", choices=sorted(ISAS), help="limit both sides to this CPU class (see the module doc)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
     if args.pairs:
         plan = Plan(**{**asdict(plan), "pairs": args.pairs})
 
-    features = sorted(glm4v_mtmd.cpu_features())
-    chosen = glm4v_mtmd.preferred_float_type()
+    envs: dict[str, dict[str, str]] = {}
+    if args.isa:
+        envs = {"package": {"GLM4V_BENCH_PACKAGE_DIR": str(isa_package(args.isa, args.scratch))},
+                "transformers": ISAS[args.isa]["torch"]}
+        info = run_worker("package_info", {}, envs["package"])
+        if any(f.startswith("AVX512") or f.startswith("AMX") for f in info["cpu_features"]):
+            sys.exit(f"the --isa {args.isa} build still uses {info['cpu_features']}")
+        features, chosen = info["cpu_features"], info["preferred_float_type"]
+    else:
+        features, chosen = sorted(glm4v_mtmd.cpu_features()), glm4v_mtmd.preferred_float_type()
     print(f"engine CPU features: {' '.join(features)}; preferred precision: {chosen}", file=sys.stderr)
     files = build(plan.preset, args.scratch / "models", ["f16", "bf16"])
     w, h = plan.image_size
     image = str(make_image(plan.image_size, args.scratch / f"bench-{w}x{h}.png"))
     probe_image = str(make_image(plan.probe_size, args.scratch / "bench-probe.png"))
-    hf_dtype, probes = probe_transformers(files["hf_dir"][0], probe_image, args.threads)
-    runs = measure(plan, files, image, args.threads, hf_dtype, chosen)
+    hf_dtype, probes = probe_transformers(files["hf_dir"][0], probe_image, args.threads, envs.get("transformers"))
+    runs = measure(plan, files, image, args.threads, hf_dtype, chosen, envs)
 
     result = ratios(runs, chosen, hf_dtype)
     table = absolutes(runs, probes, chosen, hf_dtype)
     mode = "quick" if args.quick else "full"
     data = {
         "mode": mode, "plan": asdict(plan), "machine": machine(args.threads), "cpu_features": features,
+        "isa": args.isa, "isa_settings": ISAS.get(args.isa or ""),
         "preferred_float_type": chosen, "transformers_fastest_dtype": hf_dtype, "transformers_probes": probes,
         "runs": runs,
     }
     save_results(HERE / "results", "-first-image" + ("-quick" if args.quick else ""), data, result, table,
-                 f"first image - {mode} - {data['machine']['cpu'][:40]} - {chosen}")
+                 f"first image - {mode} - {args.isa or data['machine']['cpu'][:40]} - {chosen}", cpu=args.isa)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ import subprocess
 import tarfile
 
 from batched import HERE, SCRATCH, pinned_sdist
+from cli_target import cli_build_dir
 
 import glm4v_mtmd
 
@@ -73,4 +74,4 @@ def build_llama_server(build_dir: pathlib.Path, jobs: int = 2) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    print(build_llama_server(SCRATCH / "cli-build"))
+    print(build_llama_server(cli_build_dir(SCRATCH)))

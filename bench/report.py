@@ -120,18 +120,19 @@ def cpu_class() -> str:
     return platform.machine().lower() or "cpu"
 
 
-def result_stem(suffix: str, now: Optional[datetime.datetime] = None) -> str:
-    """``<UTC date>-<host>-<cpu class><suffix>``: the file name, without extension, of a results file."""
+def result_stem(suffix: str, now: Optional[datetime.datetime] = None, cpu: Optional[str] = None) -> str:
+    """``<UTC date>-<host>-<cpu class><suffix>``: the file name, without extension, of a results file
+    (``cpu``: the class measured, where a run limits both sides to less than this CPU has)."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    return f"{now:%Y-%m-%d}-{socket.gethostname()}-{cpu_class()}{suffix}"
+    return f"{now:%Y-%m-%d}-{socket.gethostname()}-{cpu or cpu_class()}{suffix}"
 
 
 def save_results(out_dir: pathlib.Path, suffix: str, data: dict, ratios: list[Ratio],
-                 table: list[tuple[str, str, dict[str, float]]], title: str) -> pathlib.Path:
+                 table: list[tuple[str, str, dict[str, float]]], title: str, cpu: Optional[str] = None) -> pathlib.Path:
     """``out_dir/<result_stem(suffix)>.json`` (``data`` with the date, the ratios and the table) and
     the chart next to it; prints the Markdown tables. Returns the JSON path."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    stem = result_stem(suffix, now)
+    stem = result_stem(suffix, now, cpu)
     out_dir.mkdir(exist_ok=True)
     full = {"date": now.isoformat(timespec="seconds"), **data, "ratios": [as_json(r) for r in ratios],
             "absolute": [{"quantity": n, "unit": u, **s} for n, u, s in table]}

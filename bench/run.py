@@ -23,9 +23,9 @@ import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
-from cli_target import RunSpec, build_cli, run_cli, run_measured
+from cli_target import RunSpec, build_cli, cli_build_dir, run_cli, run_measured
 from make_model import PRESETS, build
 from PIL import Image
 from report import Ratio, ratio, save_results, summary
@@ -63,10 +63,11 @@ def make_image(size: tuple[int, int], path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``workers.py kind`` in a fresh interpreter; its JSON result plus its peak RSS."""
+def run_worker(kind: str, spec: dict[str, Any], env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Run ``workers.py kind`` in a fresh interpreter (``env``: variables added to this process's);
+    its JSON result plus its peak RSS."""
     cmd = [sys.executable, str(HERE / "workers.py"), kind, json.dumps(spec)]
-    stdout, _, wall, rss = run_measured(cmd)
+    stdout, _, wall, rss = run_measured(cmd, {**os.environ, **env} if env else None)
     return {**json.loads(stdout.strip().splitlines()[-1]), "wall_s": wall, "peak_rss": rss}
 
 
@@ -215,7 +216,7 @@ def main() -> None:
         plan = Plan(**{**asdict(plan), "pairs": args.pairs})
 
     files = build(plan.preset, args.scratch / "models", [plan.outtype])
-    binary = build_cli(args.scratch / "cli-build")
+    binary = build_cli(cli_build_dir(args.scratch))
     image = make_image(plan.image_size, args.scratch / f"bench-{plan.image_size[0]}x{plan.image_size[1]}.png")
     model, mmproj = files[plan.outtype]
     spec = RunSpec(model, mmproj, str(image), PROMPT_TEXT, plan.n_tokens, plan.n_ctx, args.threads)

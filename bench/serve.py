@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batched import HERE, SCRATCH
+from cli_target import cli_build_dir
 from llama_server import build_llama_server
 from make_model import build
 from report import ratio, save_results, summary
@@ -218,7 +219,7 @@ def main() -> None:
 
     files = build("quick", SCRATCH / "models", ["f16"])
     model_path, mmproj_path = files["f16"]
-    binary = build_llama_server(SCRATCH / "cli-build")
+    binary = build_llama_server(cli_build_dir(SCRATCH))
     template = SCRATCH / "serve-template.jinja"
     template.write_text(TEMPLATE, encoding="utf-8")
 

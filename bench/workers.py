@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -17,6 +18,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+# A package built for another CPU class (first_image.py --isa) is imported instead of the installed
+# one: its directory goes first on the path, and a development install's editable finder, which
+# would still win, is dropped.
+_PACKAGE_DIR = os.environ.get("GLM4V_BENCH_PACKAGE_DIR")
+if _PACKAGE_DIR:
+    sys.path.insert(0, _PACKAGE_DIR)
+    sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable")]
 
 PREFIX = "[gMASK]<sop><|user|>\n"
 SUFFIX = "<|assistant|>\n"
@@ -270,6 +279,21 @@ def transformers_(spec: dict[str, Any]) -> dict[str, Any]:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 
+def _package_ran() -> dict[str, Any]:
+    """Which package and engine build this process ran, and the CPU features its engine uses."""
+    import glm4v_mtmd
+
+    info = glm4v_mtmd.engine_info()
+    return {"package": os.path.dirname(glm4v_mtmd.__file__), "cpu_features": sorted(glm4v_mtmd.cpu_features()),
+            "system_info": info["system_info"], "patches": info["patches"],
+            "preferred_float_type": glm4v_mtmd.preferred_float_type()}
+
+
+def package_info(spec: dict[str, Any]) -> dict[str, Any]:
+    """What ``_package_ran`` records, alone (first_image.py asks it of an --isa build)."""
+    return _package_ran()
+
+
 def first_image_package(spec: dict[str, Any]) -> dict[str, Any]:
     """First encounter with an image: encode, prefill (image + text tokens) and decode, one request."""
     from glm4v_mtmd import Session
@@ -281,7 +305,7 @@ def first_image_package(spec: dict[str, Any]) -> dict[str, Any]:
         t = result.timings
         out = {"preprocess_ms": t.preprocess_ms, "encode_ms": t.encode_ms, "prefill_ms": t.prompt_ms,
                "prompt_tokens": t.prompt_tokens, "decode_tok_s": t.decode_tokens_per_s,
-               "generated_tokens": t.generated_tokens}
+               "generated_tokens": t.generated_tokens, "ran": _package_ran()}
         if spec.get("second_image"):
             # Another picture (one pixel differs: the embedding cache misses) in a new conversation
             # of the same session: a first encounter with that image, after the process's first.
@@ -323,7 +347,10 @@ def first_image_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     encode_ms, prefill_ms = _hf_encode_prefill(model, pixels, grid, inputs)
     out = {"dtype": spec["dtype"], "encode_ms": encode_ms, "prefill_ms": prefill_ms,
            "prompt_tokens": int(inputs["input_ids"].shape[1]),
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+           "ran": {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                   "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+                   "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA")}}
     if spec.get("n_tokens"):
         out["decode_tok_s"] = _hf_decode(model, tokenizer, spec["n_tokens"])
     if spec.get("second_image"):  # the same steps again in this process (transformers caches nothing)
@@ -420,7 +447,7 @@ def video_transformers(spec: dict[str, Any]) -> dict[str, Any]:
 KINDS = {"package": package, "decode": decode, "transformers": transformers_, "llama_cpp_python": llama_cpp_python,
          "stream_llama_cpp_python": stream_llama_cpp_python, "first_image_package": first_image_package,
          "first_image_transformers": first_image_transformers, "video_package": video_package,
-         "video_transformers": video_transformers}
+         "video_transformers": video_transformers, "package_info": package_info}
 
 
 def main() -> None:

@@ -266,10 +266,11 @@ def llama_server(moe_f16: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     sys.path.insert(0, str(BENCH))
     try:
         from batched import SCRATCH
+        from cli_target import cli_build_dir
         from llama_server import build_llama_server
     finally:
         sys.path.remove(str(BENCH))
-    binary = build_llama_server(SCRATCH / "cli-build")
+    binary = build_llama_server(cli_build_dir(SCRATCH))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
