@@ -139,7 +139,8 @@ def ratios(runs: dict[str, list[dict]], chosen: str, hf_dtype: str) -> list[Rati
     name = f"package {chosen.upper()} / transformers {hf_dtype}"
     other_name = "bf16" if chosen == "f16" else "f16"
     return [
-        ratio(f"image encode ms, {name}", col(pkg, "encode_ms"), col(hf, "encode_ms"), "<= 0.8"),
+        ratio(f"image encode ms, cold (first picture of the process), {name}", col(pkg, "encode_ms"),
+              col(hf, "encode_ms"), "<= 0.8"),
         ratio(f"prefill ms (image + text tokens), {name}", col(pkg, "prefill_ms"), col(hf, "prefill_ms"), "<= 0.8"),
         ratio(f"decode tok/s, {name}", col(pkg, "decode_tok_s"), col(hf, "decode_tok_s"), ">= 2",
               higher_is_better=True),
@@ -147,10 +148,10 @@ def ratios(runs: dict[str, list[dict]], chosen: str, hf_dtype: str) -> list[Rati
               col(pkg, "encode_ms")),
         ratio(f"prefill ms, package {other_name.upper()} / {chosen.upper()}", col(other, "prefill_ms"),
               col(pkg, "prefill_ms")),
-        ratio(f"image encode ms, second image in the process, {name}", col(pkg, "second_encode_ms"),
-              col(hf, "second_encode_ms")),
-        ratio(f"prefill ms, second image in the process, {name}", col(pkg, "second_prefill_ms"),
-              col(hf, "second_prefill_ms")),
+        ratio(f"image encode ms, warm (second picture), {name}", col(pkg, "second_encode_ms"),
+              col(hf, "second_encode_ms"), "<= 0.8"),
+        ratio(f"prefill ms, warm (second picture), {name}", col(pkg, "second_prefill_ms"),
+              col(hf, "second_prefill_ms"), "<= 0.8"),
     ]
 
 

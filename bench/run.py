@@ -148,8 +148,10 @@ def ratios(cli: list[dict], pkg: list[dict], hf: list[dict], lcp: list[dict], ex
     for ref in (r for r in hf if "error" not in r):
         out.append(ratio(f"decode tok/s, package / transformers {ref['dtype']}", col(pkg, "decode_tok_s"),
                          [ref["decode_tok_s"]], higher_is_better=True))
-        out.append(ratio(f"image encode ms, package / transformers {ref['dtype']} get_image_features",
-                         col(pkg, "encode_ms"), [ref["image_features_ms"]]))
+        out.append(ratio(f"image encode ms, cold (first picture of the process), package / transformers "
+                         f"{ref['dtype']}", col(pkg, "encode_ms"), [ref["encode_ms"]]))
+        out.append(ratio(f"image encode ms, warm (second picture), package / transformers {ref['dtype']}",
+                         col(pkg, "second_encode_ms"), [ref["second_encode_ms"]]))
     out.append(ratio("peak RSS, package / (files + KV + buffers)", col(pkg, "peak_rss"), [expected]))
     out.append(ratio("peak RSS, package / CLI", col(pkg, "peak_rss"), col(cli, "peak_rss")))
     return out
@@ -161,12 +163,14 @@ def absolutes(cli: list[dict], pkg: list[dict], hf: list[dict], lcp: list[dict],
     rows = []
     for side, runs in (("package", pkg), ("CLI", cli)):
         gbs = [model_bytes * t / 1e9 for t in col(runs, "decode_tok_s")]
-        rows += [(f"{side} image encode", "ms", summary(col(runs, "encode_ms"))),
+        rows += [(f"{side} image encode" + (", cold" if side == "package" else ""), "ms",
+                  summary(col(runs, "encode_ms"))),
                  (f"{side} prompt+image eval", "ms", summary(col(runs, "prompt_ms"))),
                  (f"{side} decode", "tok/s", summary(col(runs, "decode_tok_s"))),
                  (f"{side} decode bandwidth", "GB/s", summary(gbs)),
                  (f"{side} peak RSS", "MiB", summary([b / 2**20 for b in col(runs, "peak_rss")]))]
-    rows += [("package engine preprocessing of the image", "ms", summary(col(pkg, "preprocess_ms"))),
+    rows += [("package image encode, warm", "ms", summary(col(pkg, "second_encode_ms"))),
+             ("package engine preprocessing of the image", "ms", summary(col(pkg, "preprocess_ms"))),
              ("package TTFT, first question", "ms", summary(col(pkg, "ttft_first_ms"))),
              ("package TTFT, follow-up", "ms", summary(col(pkg, "ttft_follow_up_ms"))),
              ("package decode, streamed (wall clock)", "tok/s", summary(col(pkg, "decode_stream_tok_s")))]
@@ -178,7 +182,8 @@ def absolutes(cli: list[dict], pkg: list[dict], hf: list[dict], lcp: list[dict],
                  ("llama-cpp-python decode, its engine clock", "tok/s", summary(col(lcp, "engine_decode_tok_s")))]
     rows.append(("files + KV + compute buffers", "MiB", summary([mem["expected_bytes"] / 2**20])))
     for ref in (r for r in hf if "error" not in r):
-        rows += [(f"transformers {ref['dtype']} get_image_features", "ms", summary([ref["image_features_ms"]])),
+        rows += [(f"transformers {ref['dtype']} get_image_features, cold", "ms", summary([ref["encode_ms"]])),
+                 (f"transformers {ref['dtype']} get_image_features, warm", "ms", summary([ref["second_encode_ms"]])),
                  (f"transformers {ref['dtype']} decode", "tok/s", summary([ref["decode_tok_s"]]))]
     return rows
 
