@@ -19,7 +19,8 @@ also pays its one-time costs, such as the first touch of the engine's compute bu
 ``--isa avx2`` measures the CPUs most laptops have (AVX2, FMA, F16C; no AVX512) on a bigger one: the
 package is built again for that class alone (``GGML_NATIVE=OFF`` and the flags in ``ISAS``, into the
 scratch directory with pip, incremental after the first ~5 minutes) and its workers import that build;
-torch is held to AVX2 by ``ATEN_CPU_CAPABILITY`` and oneDNN's ``ONEDNN_MAX_CPU_ISA``. Each run records
+torch is held to AVX2 by ``ATEN_CPU_CAPABILITY``, oneDNN's ``ONEDNN_MAX_CPU_ISA`` and MKL's
+``MKL_ENABLE_INSTRUCTIONS`` (MKL runs torch's float32 linear layers and reads only its own variable). Each run records
 what it really ran (the engine's CPU features, torch's capability), and the results carry the class in
 their name.
 
@@ -32,6 +33,7 @@ stretched to 1008x756 (972 image tokens, 3,888 patches).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -69,15 +71,20 @@ ISAS: dict[str, dict[str, dict[str, str]]] = {
                   "GGML_F16C": "ON", "GGML_BMI2": "ON", "GGML_AVX_VNNI": "OFF", "GGML_AVX512": "OFF",
                   "GGML_AVX512_VBMI": "OFF", "GGML_AVX512_VNNI": "OFF", "GGML_AVX512_BF16": "OFF",
                   "GGML_AMX_TILE": "OFF", "GGML_AMX_INT8": "OFF", "GGML_AMX_BF16": "OFF"},
-        "torch": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+        # ATEN_CPU_CAPABILITY: torch's own kernels; ONEDNN_MAX_CPU_ISA: oneDNN's; MKL_ENABLE_INSTRUCTIONS:
+        # MKL's, which runs torch's float32 linear layers and ignores the other two (without it the GEMMs
+        # of an "AVX2" torch use AVX512).
+        "torch": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     },
 }
 REPO = HERE.parent
 
 
 def isa_package(isa: str, scratch: pathlib.Path) -> pathlib.Path:
-    """The package built for CPU class ``isa`` alone (pip, into ``scratch``; incremental): its directory."""
-    root = scratch / f"isa-{isa}"
+    """The package built for CPU class ``isa`` alone (pip, into ``scratch``; incremental): its directory.
+
+    One directory per checkout (CMake ties a build directory to one source directory)."""
+    root = scratch / f"isa-{isa}-{hashlib.sha256(str(REPO).encode()).hexdigest()[:8]}"
     site = root / "site"
     defines = [f"-Ccmake.define.{k}={v}" for k, v in ISAS[isa]["cmake"].items()]
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(site),
@@ -188,7 +195,7 @@ def main() -> None:
 
     envs: dict[str, dict[str, str]] = {}
     if args.isa:
-        envs = {"package": {"GLM4V_BENCH_PACKAGE_DIR": str(isa_package(args.isa, args.scratch))},
+        envs = {"package": {"GLM4V_MTMD_PACKAGE_DIR": str(isa_package(args.isa, args.scratch))},
                 "transformers": ISAS[args.isa]["torch"]}
         info = run_worker("package_info", {}, envs["package"])
         if any(f.startswith("AVX512") or f.startswith("AMX") for f in info["cpu_features"]):

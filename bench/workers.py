@@ -22,7 +22,7 @@ from PIL import Image
 # A package built for another CPU class (first_image.py --isa) is imported instead of the installed
 # one: its directory goes first on the path, and a development install's editable finder, which
 # would still win, is dropped.
-_PACKAGE_DIR = os.environ.get("GLM4V_BENCH_PACKAGE_DIR")
+_PACKAGE_DIR = os.environ.get("GLM4V_MTMD_PACKAGE_DIR")
 if _PACKAGE_DIR:
     sys.path.insert(0, _PACKAGE_DIR)
     sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable")]
@@ -355,7 +355,8 @@ def first_image_transformers(spec: dict[str, Any]) -> dict[str, Any]:
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
            "ran": {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
-                   "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA")}}
+                   "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                   "MKL_ENABLE_INSTRUCTIONS": os.environ.get("MKL_ENABLE_INSTRUCTIONS")}}
     if spec.get("n_tokens"):
         out["decode_tok_s"] = _hf_decode(model, tokenizer, spec["n_tokens"])
     if spec.get("second_image"):  # the same steps again in this process (transformers caches nothing)

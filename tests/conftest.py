@@ -7,7 +7,17 @@ temporary directory, so the suite needs no network and no model downloads.
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
+import sys
+
+# The suite can run against another build of the package (tests/test_isa_avx2.py runs parts of it on
+# an engine built for the AVX2 class): its directory goes first on the path, and a development
+# install's editable finder, which would still win, is dropped.
+if os.environ.get("GLM4V_MTMD_PACKAGE_DIR"):
+    sys.path.insert(0, os.environ["GLM4V_MTMD_PACKAGE_DIR"])
+    sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable")]
+
 from collections.abc import Callable
 from typing import Any
 

@@ -5,6 +5,11 @@ the transformers reference.
 columns); test_packed_bf16_gemm_matches_reference runs BF16 GGUFs with a 320-patch image and a 188-token
 prompt against the reference (on other CPUs it checks the BF16 path they run).
 
+0008 adds a packed F16 GEMM to the same sgemm for CPUs without AVX512 (AVX2 + F16C + FMA; F16 weights,
+batches of 32+ columns); test_packed_f16_gemm_matches_reference runs F16 GGUFs with the same image and
+prompt (on AVX512 CPUs it checks the F16 path they run; tests/test_isa_avx2.py runs this file on an
+engine built for AVX2 alone, where 0001, 0002 and 0008 run).
+
 0001-0003 change ggml's tiled CPU flash-attention kernel (0002: the softmax scale on the Q tile,
 vector row max and exponential sum; 0003: the same on AVX512, and B in registers in its GEMM), which
 runs only for 64 or more query rows
@@ -109,3 +114,23 @@ def test_packed_bf16_gemm_matches_reference(arch, gguf_pair, hf_checkpoint, refe
         ev = session.evaluate(BF16_PROMPT)
         diff = float(np.max(np.abs(ev.logits - reference.reference_last_logits(reference_model(arch), inputs))))
         assert diff <= tolerances.LOGITS_MAX_ABS_BF16, f"max |logit difference| {diff:.2e}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_f16_gemm_matches_reference(arch, gguf_pair, hf_checkpoint, reference_model):
+    model, mmproj = gguf_pair(arch, 0, "f16")
+    with Session(model, mmproj, n_ctx=1024, n_threads=2) as session:
+        emb = session.encode_image(IMG_BF16).array
+        expected = reference.reference_image_features(reference_model(arch), IMG_BF16, f16_conv=True)
+        rel = np.linalg.norm(emb - expected) / np.linalg.norm(expected)
+        assert rel <= tolerances.EMBED_REL_L2_F16, f"relative L2 error {rel:.2e}"
+        if arch != "glm4v":
+            # glm4v_moe: with 80 image tokens some token's routing is a tie within F16 rounding (margins of
+            # 1e-5 to 5e-3 over a dozen images tried, under ROUTER_MARGIN_MIN): its logits may follow either
+            # expert. Its embedding above runs the same vision matmuls.
+            return
+        inputs = reference.build_inputs(hf_checkpoint(arch), BF16_PROMPT)
+        assert inputs["input_ids"].shape[1] >= 64  # the text matmuls take the batched path too
+        ref_logits = reference.reference_last_logits(reference_model(arch), inputs)
+        diff = float(np.max(np.abs(session.evaluate(BF16_PROMPT).logits - ref_logits)))
+        assert diff <= tolerances.LOGITS_MAX_ABS_F16, f"max |logit difference| {diff:.2e}"
