@@ -55,7 +55,7 @@ from .chat import (
     normalize_messages,
     split_output,
 )
-from .errors import ConfigError, RemoteError
+from .errors import ConfigError, ImageError, RemoteError
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, PIXELS_PER_TOKEN, load_rgb, prepare_image
 from .types import FinishReason, GenerationConfig, ImageEmbedding, Timings
 
@@ -270,7 +270,7 @@ class Connection:
         if isinstance(source, (str, os.PathLike)):
             path = pathlib.Path(source)
             if not path.is_file():
-                raise ConfigError(f"image {str(source)[:120]!r}: no such file")
+                raise ImageError(f"image {str(source)[:120]!r}: no such file")  # as a local chat says it
             source = path.read_bytes()
         if isinstance(source, (bytes, bytearray, memoryview)):
             key = hashlib.sha256(bytes(source)).hexdigest()

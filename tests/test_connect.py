@@ -30,7 +30,15 @@ from conftest import random_image  # noqa: E402
 from PIL import Image  # noqa: E402
 from serving import Server  # noqa: E402
 
-from glm4v_mtmd import ConfigError, GenerationConfig, Model, RemoteError, connect, parse_boxes  # noqa: E402
+from glm4v_mtmd import (  # noqa: E402
+    ConfigError,
+    GenerationConfig,
+    ImageError,
+    Model,
+    RemoteError,
+    connect,
+    parse_boxes,
+)
 from glm4v_mtmd.remote import _split_content  # noqa: E402
 
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
@@ -184,7 +192,7 @@ def test_errors_are_typed(scripted: Server, served: Server) -> None:
         remote.chat(conversation(random_image(40, 40)), GREEDY, box_image=1)
     with pytest.raises(ConfigError, match="video"):
         remote.chat([{"role": "user", "content": [{"type": "video", "video": [random_image(56, 56)] * 2}]}])
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ImageError, match="no such file"):
         remote.chat(conversation("/nonexistent/picture.png"))
     with pytest.raises(ConfigError, match="only data: URLs"):
         remote.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])

@@ -2,11 +2,11 @@
 the transformers reference.
 
 0004 adds a packed BF16 GEMM to llamafile's sgemm (AVX512_BF16 CPUs, BF16 weights, batches of 64+
-columns); test_packed_bf16_gemm_matches_reference runs BF16 GGUFs with a 320-patch image and a 188-token
+columns); test_packed_gemm_matches_reference[bf16] runs BF16 GGUFs with a 320-patch image and a 188-token
 prompt against the reference (on other CPUs it checks the BF16 path they run).
 
 0008 adds a packed F16 GEMM to the same sgemm for CPUs without AVX512 (AVX2 + F16C + FMA; F16 weights,
-batches of 32+ columns); test_packed_f16_gemm_matches_reference runs F16 GGUFs with the same image and
+batches of 32+ columns); test_packed_gemm_matches_reference[f16] runs F16 GGUFs with the same image and
 prompt (on AVX512 CPUs it checks the F16 path they run; tests/test_isa_avx2.py runs this file on an
 engine built for AVX2 alone, where 0001, 0002 and 0008 run).
 
@@ -92,45 +92,34 @@ def test_tiled_prefill_attention_matches_reference(arch, fa_sessions, hf_checkpo
         assert diff <= tolerances.LOGITS_MAX_ABS_F16, f"max |logit difference| {diff:.2e}"
 
 
-IMG_BF16 = random_image(280, 224, seed=3)  # 20 x 16 = 320 patches: every vision matmul has 320 columns
-BF16_PROMPT = [
-    "[gMASK]<sop><|user|>\n", IMG_BF16,
+IMG_BATCH = random_image(280, 224, seed=3)  # 20 x 16 = 320 patches: every vision matmul has 320 columns
+BATCH_PROMPT = [
+    "[gMASK]<sop><|user|>\n", IMG_BATCH,
     "Describe this image in detail, please, with colours and objects. " * 3 + "<|assistant|>\n",
 ]
+# (embedding, logits) bounds per weight type: tests/tolerances.py
+BOUNDS = {"bf16": (tolerances.EMBED_REL_L2_BF16, tolerances.LOGITS_MAX_ABS_BF16),
+          "f16": (tolerances.EMBED_REL_L2_F16, tolerances.LOGITS_MAX_ABS_F16)}
 
 
+@pytest.mark.parametrize("outtype", sorted(BOUNDS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_bf16_gemm_matches_reference(arch, gguf_pair, hf_checkpoint, reference_model):
-    model, mmproj = gguf_pair(arch, 0, "bf16")
+def test_packed_gemm_matches_reference(arch, outtype, gguf_pair, hf_checkpoint, reference_model):
+    """0004 (bf16, AVX512_BF16) and 0008 (f16, AVX2 without AVX512): batched matmuls of both models."""
+    embed_bound, logits_bound = BOUNDS[outtype]
+    model, mmproj = gguf_pair(arch, 0, outtype)
     with Session(model, mmproj, n_ctx=1024, n_threads=2) as session:
-        emb = session.encode_image(IMG_BF16).array
-        expected = reference.reference_image_features(reference_model(arch), IMG_BF16, f16_conv=True)
+        emb = session.encode_image(IMG_BATCH).array
+        expected = reference.reference_image_features(reference_model(arch), IMG_BATCH, f16_conv=True)
         rel = np.linalg.norm(emb - expected) / np.linalg.norm(expected)
-        assert rel <= tolerances.EMBED_REL_L2_BF16, f"relative L2 error {rel:.2e}"
+        assert rel <= embed_bound, f"relative L2 error {rel:.2e}"
         if arch != "glm4v":
-            return  # MoE logits: see tolerances.LOGITS_MAX_ABS_BF16
-        inputs = reference.build_inputs(hf_checkpoint(arch), BF16_PROMPT)
-        assert inputs["input_ids"].shape[1] >= 64  # the text matmuls take the batched path too
-        ev = session.evaluate(BF16_PROMPT)
-        diff = float(np.max(np.abs(ev.logits - reference.reference_last_logits(reference_model(arch), inputs))))
-        assert diff <= tolerances.LOGITS_MAX_ABS_BF16, f"max |logit difference| {diff:.2e}"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_packed_f16_gemm_matches_reference(arch, gguf_pair, hf_checkpoint, reference_model):
-    model, mmproj = gguf_pair(arch, 0, "f16")
-    with Session(model, mmproj, n_ctx=1024, n_threads=2) as session:
-        emb = session.encode_image(IMG_BF16).array
-        expected = reference.reference_image_features(reference_model(arch), IMG_BF16, f16_conv=True)
-        rel = np.linalg.norm(emb - expected) / np.linalg.norm(expected)
-        assert rel <= tolerances.EMBED_REL_L2_F16, f"relative L2 error {rel:.2e}"
-        if arch != "glm4v":
-            # glm4v_moe: with 80 image tokens some token's routing is a tie within F16 rounding (margins of
-            # 1e-5 to 5e-3 over a dozen images tried, under ROUTER_MARGIN_MIN): its logits may follow either
-            # expert. Its embedding above runs the same vision matmuls.
+            # glm4v_moe: rounding moves router scores past their margins (tolerances.LOGITS_MAX_ABS_BF16; at
+            # F16, margins of 1e-5 to 5e-3 over a dozen images tried, under ROUTER_MARGIN_MIN): its logits may
+            # follow another expert. Its embedding above runs the same vision matmuls.
             return
-        inputs = reference.build_inputs(hf_checkpoint(arch), BF16_PROMPT)
+        inputs = reference.build_inputs(hf_checkpoint(arch), BATCH_PROMPT)
         assert inputs["input_ids"].shape[1] >= 64  # the text matmuls take the batched path too
         ref_logits = reference.reference_last_logits(reference_model(arch), inputs)
-        diff = float(np.max(np.abs(session.evaluate(BF16_PROMPT).logits - ref_logits)))
-        assert diff <= tolerances.LOGITS_MAX_ABS_F16, f"max |logit difference| {diff:.2e}"
+        diff = float(np.max(np.abs(session.evaluate(BATCH_PROMPT).logits - ref_logits)))
+        assert diff <= logits_bound, f"max |logit difference| {diff:.2e}"
