@@ -370,7 +370,6 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
                 return fail(nullptr, GLM4V_ERR_LOAD, fmt("the projector '%s' has no vision encoder", mmproj_path));
             }
         }
-        if (rpc_check(m)) return rpc_lost();
         m->t_load_ms = now_ms() - t0;
         *out = m;
         return GLM4V_OK;

@@ -291,8 +291,7 @@ static glm4v_status encode_frames(glm4v_model * m, const uint8_t * rgb0, const u
         });
         if (rpc_check(m)) {
             cleanup();
-            return fail(s, GLM4V_ERR_RPC, fmt("%s encoding failed: ", what) + rpc_message(m) +
-                                          "; the model's state on its servers is lost: close it and load it again");
+            return fail(s, GLM4V_ERR_RPC, rpc_call_error(m, fmt("%s encoding", what)));
         }
         if (rc != 0) {
             cleanup();

@@ -121,6 +121,8 @@ bool rpc_place(const glm4v_load_params * params, glm4v_rpc_placement & out, std:
 // True when one of m's RPC servers failed since the load (sticky); rpc_message says which and how.
 bool rpc_check(glm4v_model * m);
 std::string rpc_message(glm4v_model * m);
+// "<what> failed: <rpc_message>; the model's state on its servers is lost: ..." for a failed call.
+std::string rpc_call_error(glm4v_model * m, const std::string & what);
 }
 
 struct glm4v_model {

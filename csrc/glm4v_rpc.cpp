@@ -158,6 +158,10 @@ std::string rpc_message(glm4v_model * m) {
     return m->rpc_lost_msg;
 }
 
+std::string rpc_call_error(glm4v_model * m, const std::string & what) {
+    return what + " failed: " + rpc_message(m) + "; the model's state on its servers is lost: close it and load it again";
+}
+
 }  // namespace glm4v_detail
 
 using namespace glm4v_detail;

@@ -246,8 +246,7 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
     // with the request.
     const std::string suffix = m->engine.joinable() ? engine_detail_suffix(req.error) : std::string();
     if (rc == RC_RPC) {
-        return fail(c, GLM4V_ERR_RPC, fmt("%s failed: ", what) + rpc_message(m) +
-                                      "; the model's state on its servers is lost: close it and load it again");
+        return fail(c, GLM4V_ERR_RPC, rpc_call_error(m, what));
     }
     if (rc == 2 || c->cancel.load()) return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
     if (rc == 1) {

@@ -353,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     rpc.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all available)")
     rpc.add_argument("-d", "--device", default=None,
                      help="devices to serve, comma-separated engine names (default: every GPU, else the CPU)")
-    rpc.add_argument("-c", "--cache", nargs="?", const=_default_cache_dir(), default=None, metavar="DIR",
-                     help=f"keep large tensors on disk so reloads send only hashes (default DIR {_default_cache_dir()})")
+    cache_dir = _default_cache_dir()
+    rpc.add_argument("-c", "--cache", nargs="?", const=cache_dir, default=None, metavar="DIR",
+                     help=f"keep large tensors on disk so reloads send only hashes (default DIR {cache_dir})")
     rpc.set_defaults(func=_cmd_rpc_server)
 
     check = sub.add_parser("selfcheck", help="offline check: a tiny random model through the whole pipeline")

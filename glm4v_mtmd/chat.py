@@ -425,14 +425,23 @@ def build_prompt(
     return prompt_parts(rendered, media), thinks, embeddings
 
 
-def check_box_image(embeddings: list[ImageEmbedding], box_image: int) -> None:
+class SizedImage(Protocol):
+    """An image of a conversation as boxes need it: :class:`ImageEmbedding`, or what
+    :func:`glm4v_mtmd.connect` sends."""
+
+    @property
+    def original_size(self) -> tuple[int, int]: ...
+
+
+def check_box_image(embeddings: Sequence[SizedImage], box_image: int) -> None:
     """Raise ConfigError unless ``box_image`` indexes the conversation's images (any value without images)."""
     if embeddings and not -len(embeddings) <= box_image < len(embeddings):
         raise ConfigError(f"box_image={box_image}: the conversation has {len(embeddings)} images")
 
 
-def ground_boxes(answer: str, embeddings: list[ImageEmbedding], box_image: int) -> tuple[GroundedBox, ...]:
-    """The answer's boxes, mapped to the original pixels of image ``box_image`` of the conversation."""
+def ground_boxes(answer: str, embeddings: Sequence[SizedImage], box_image: int) -> tuple[GroundedBox, ...]:
+    """The answer's boxes, mapped to the original pixels (``original_size``) of image ``box_image`` of
+    the conversation."""
     boxes = parse_boxes(answer)
     if not embeddings:
         return tuple(GroundedBox(b, None, None) for b in boxes)

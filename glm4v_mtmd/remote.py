@@ -32,7 +32,6 @@ import json
 import math
 import os
 import pathlib
-import socket
 import threading
 import urllib.error
 import urllib.parse
@@ -43,15 +42,15 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from .boxes import parse_boxes
 from .chat import (
     ChatChunk,
     ChatResult,
-    GroundedBox,
     Message,
     OutputSplitter,
     Usage,
     VideoPart,
+    check_box_image,
+    ground_boxes,
     normalize_messages,
     split_output,
 )
@@ -70,7 +69,7 @@ _CACHE_SIZE = 32  # data URLs kept per connection (a conversation resends its im
 @dataclasses.dataclass(frozen=True)
 class _Image:
     url: str
-    size: tuple[int, int]  # (width, height) of the caller's image, what boxes map to
+    original_size: tuple[int, int]  # (width, height) of the caller's image, what boxes map to
 
 
 def _normalize_base_url(base_url: str) -> str:
@@ -238,7 +237,7 @@ class Connection:
             raise RemoteError(f"{where}: HTTP {exc.code}: {message}{hint}", exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            if isinstance(reason, (socket.timeout, TimeoutError)):
+            if isinstance(reason, TimeoutError):
                 raise RemoteError(f"{where}: no answer within {self.timeout:g} s (timeout=)") from exc
             raise RemoteError(f"{where}: cannot connect ({reason})") from exc
 
@@ -330,9 +329,7 @@ class Connection:
                         parts.append(part)
                 content = parts
             wire.append({**msg, "content": content})
-        sizes = [img.size for img in images]
-        if sizes and not -len(sizes) <= box_image < len(sizes):
-            raise ConfigError(f"box_image={box_image}: the conversation has {len(sizes)} images")
+        check_box_image(images, box_image)
         body: dict[str, Any] = {"model": self.model, "messages": wire, "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}
@@ -341,15 +338,6 @@ class Connection:
         if thinking is not None:
             body["chat_template_kwargs"] = {"enable_thinking": thinking}
         return body, images
-
-    @staticmethod
-    def _boxes(answer: str, images: list[_Image], box_image: int) -> tuple[GroundedBox, ...]:
-        boxes = parse_boxes(answer)
-        if not images:
-            return tuple(GroundedBox(b, None, None) for b in boxes)
-        width, height = images[box_image].size
-        index = box_image % len(images)
-        return tuple(GroundedBox(b, b.to_pixels(width, height), index) for b in boxes)
 
     # ------------------------------------------------------------------------------------ chat
 
@@ -380,7 +368,7 @@ class Connection:
         usage = Usage(prompt, completion, prompt + completion, cached)
         timings = _timings(data.get("timings"), prompt, completion)
         return ChatResult(reasoning, answer, text, _finish(choice.get("finish_reason")), usage, timings,
-                          self._boxes(answer, images, box_image))
+                          ground_boxes(answer, images, box_image))
 
     def chat_stream(self, messages: Sequence[Message], config: Optional[GenerationConfig] = None, *,
                     thinking: Optional[bool] = None, box_image: int = -1) -> Iterator[ChatChunk]:
@@ -433,7 +421,7 @@ class Connection:
             pending.extend(tail)
             prompt, completion, cached = _usage(usage_data)
             usage = Usage(prompt, completion, prompt + completion, cached)
-            boxes = self._boxes("".join(answer).strip(), images, box_image)
+            boxes = ground_boxes("".join(answer).strip(), images, box_image)
             for text, kind in pending[:-1]:
                 yield ChatChunk(text, kind)
             last_text, last_kind = pending[-1] if pending else ("", splitter.kind)

@@ -118,7 +118,7 @@ def probe(endpoint: str, timeout: float = 5.0) -> RpcServerInfo:
         sock = socket.create_connection((host, port), timeout=timeout)
     except socket.gaierror as e:
         raise ModelLoadError(f"rpc server {endpoint}: cannot resolve '{host}' ({e.strerror})") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise ModelLoadError(f"rpc server {endpoint}: no answer to a connection within {timeout:g} s") from None
     except OSError as e:
         raise ModelLoadError(f"rpc server {endpoint}: cannot connect ({e.strerror or e}); is "
@@ -141,7 +141,7 @@ def probe(endpoint: str, timeout: float = 5.0) -> RpcServerInfo:
             if size != 4:
                 raise ModelLoadError(f"rpc server {endpoint}: malformed device-count reply ({size} bytes)")
             (n_devices,) = struct.unpack("<I", _recv_exact(sock, 4))
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise ModelLoadError(
                 f"rpc server {endpoint}: connected, but no RPC hello within {timeout:g} s (not an RPC server, "
                 "or one busy with another client: a server serves one client at a time)") from None

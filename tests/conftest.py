@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import subprocess
 import sys
 
 # The suite can run against another build of the package (tests/test_isa_avx2.py runs parts of it on
@@ -39,6 +40,16 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     out[: img.shape[0], : img.shape[1]] = img
     noise = rng.integers(0, 32, size=out.shape, dtype=np.uint8)
     return out // 2 + noise
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """Stop a server process started by a test: SIGTERM, then SIGKILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 #: A prompt with one image and greedy settings: the tests that break a session check that it still gives

@@ -26,7 +26,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
-from conftest import random_image  # noqa: E402
+from conftest import random_image, terminate  # noqa: E402
 from PIL import Image  # noqa: E402
 from serving import Server  # noqa: E402
 
@@ -300,12 +300,7 @@ def llama_server(moe_f16: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
 
 

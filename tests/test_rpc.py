@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import tiny_models
-from conftest import random_image
+from conftest import random_image, terminate
 
 from glm4v_mtmd import GenerationConfig, ModelLoadError, Session, engine_info
 from glm4v_mtmd.errors import ConfigError
@@ -565,10 +565,5 @@ def test_serve_with_rpc_and_a_lost_server(servers: list[str], moe4: Callable, tm
         assert serve.poll() is None  # the server lives on, saying why it cannot answer
     finally:
         if serve is not None:
-            serve.terminate()
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
+            terminate(serve)
         stop(victim)
