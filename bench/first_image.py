@@ -15,6 +15,7 @@ also pays its one-time costs, such as the first touch of the engine's compute bu
     python bench/first_image.py           # + GLM-4.1V-9B's text layer shape (5 layers), 1008x756: ~20 min
     python bench/first_image.py --pairs 5 # medians of 5 pairs: ~15 min once the model exists
     python bench/first_image.py --isa avx2  # both sides limited to AVX2 (see ISAS): the laptop class
+    python bench/first_image.py --quick --gpu  # a GPU build: the package offloaded, transformers on CUDA
 
 ``--isa avx2`` measures the CPUs most laptops have (AVX2, FMA, F16C; no AVX512) on a bigger one: the
 package is built again for that class alone (``GGML_NATIVE=OFF`` and the flags in ``ISAS``, into the
@@ -36,6 +37,7 @@ import argparse
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -97,12 +99,13 @@ QUICK = Plan("quick", (448, 336), (224, 168), 16, 2, 1024)
 FULL = Plan("first-image", (1008, 756), (336, 252), 128, 3, 2048)
 
 
-def probe_transformers(hf_dir: str, image: str, threads: int,
-                       env: Optional[dict[str, str]] = None) -> tuple[str, list[dict]]:
+def probe_transformers(hf_dir: str, image: str, threads: int, env: Optional[dict[str, str]] = None,
+                       device: str = "cpu") -> tuple[str, list[dict]]:
     """Each dtype on a small image (encode + prefill); the fastest one's name and all results."""
     probes = []
     for dtype in HF_DTYPES:
-        spec = {"hf_dir": hf_dir, "image": image, "dtype": dtype, "n_threads": threads, "text": PROMPT_TEXT}
+        spec = {"hf_dir": hf_dir, "image": image, "dtype": dtype, "n_threads": threads, "text": PROMPT_TEXT,
+                "device": device}
         probes.append(run_worker("first_image_transformers", spec, env))
         print(f"  transformers {dtype} probe: {probes[-1]['encode_ms']:.0f} ms encode", file=sys.stderr)
     fastest = min(probes, key=lambda p: p["encode_ms"] + p["prefill_ms"])
@@ -110,9 +113,10 @@ def probe_transformers(hf_dir: str, image: str, threads: int,
 
 
 def measure(plan: Plan, files: dict[str, list[str]], image: str, threads: int, hf_dtype: str,
-            chosen: str, envs: Optional[dict[str, dict[str, str]]] = None) -> dict[str, list[dict]]:
+            chosen: str, envs: Optional[dict[str, dict[str, str]]] = None, gpu: bool = False) -> dict[str, list[dict]]:
     """``plan.pairs`` pairs of (package with ``chosen`` precision, transformers ``hf_dtype``), alternating,
-    plus the package with the other precision once per pair."""
+    plus the package with the other precision once per pair. ``gpu``: the package offloads every layer
+    and the projector, transformers runs on CUDA."""
     other = "bf16" if chosen == "f16" else "f16"
     runs: dict[str, list[dict]] = {"package": [], "package_other": [], "transformers": []}
     envs = envs or {}
@@ -122,12 +126,14 @@ def measure(plan: Plan, files: dict[str, list[str]], image: str, threads: int, h
         return run_worker("first_image_package", {"model": model, "mmproj": mmproj, "image": image,
                                                   "text": PROMPT_TEXT, "n_tokens": plan.n_tokens,
                                                   "n_ctx": plan.n_ctx, "n_threads": threads, "seed": seed,
-                                                  "second_image": precision == chosen}, envs.get("package"))
+                                                  "second_image": precision == chosen,
+                                                  "n_gpu_layers": -1 if gpu else 0}, envs.get("package"))
 
     def transformers(seed: int) -> dict:
         return run_worker("first_image_transformers", {"hf_dir": files["hf_dir"][0], "image": image, "dtype": hf_dtype,
                                                        "n_threads": threads, "text": PROMPT_TEXT,
-                                                       "n_tokens": plan.n_tokens, "second_image": True},
+                                                       "n_tokens": plan.n_tokens, "second_image": True,
+                                                       "device": "cuda" if gpu else "cpu"},
                           envs.get("transformers"))
 
     for i in range(plan.pairs):
@@ -188,7 +194,13 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, help="override the number of pairs")
     ap.add_argument("--scratch", type=pathlib.Path, default=SCRATCH, help="models go here")
     ap.add_argument("--isa", choices=sorted(ISAS), help="limit both sides to this CPU class (see the module doc)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="a GPU build of the package, every layer offloaded, against transformers on CUDA")
     args = ap.parse_args()
+    if args.gpu and args.isa:
+        ap.error("--gpu and --isa measure different things; give one")
+    if args.gpu and not set(glm4v_mtmd.engine_info()["backends"]) - {"CPU", "RPC"}:
+        sys.exit("--gpu: this build of the package has no GPU backend (build it with CMAKE_ARGS=-DGGML_CUDA=on)")
     plan = QUICK if args.quick else FULL
     if args.pairs:
         plan = Plan(**{**asdict(plan), "pairs": args.pairs})
@@ -208,20 +220,25 @@ def main() -> None:
     w, h = plan.image_size
     image = str(make_image(plan.image_size, args.scratch / f"bench-{w}x{h}.png"))
     probe_image = str(make_image(plan.probe_size, args.scratch / "bench-probe.png"))
-    hf_dtype, probes = probe_transformers(files["hf_dir"][0], probe_image, args.threads, envs.get("transformers"))
-    runs = measure(plan, files, image, args.threads, hf_dtype, chosen, envs)
+    device = "cuda" if args.gpu else "cpu"
+    hf_dtype, probes = probe_transformers(files["hf_dir"][0], probe_image, args.threads, envs.get("transformers"),
+                                          device)
+    runs = measure(plan, files, image, args.threads, hf_dtype, chosen, envs, gpu=args.gpu)
 
     result = ratios(runs, chosen, hf_dtype)
     table = absolutes(runs, probes, chosen, hf_dtype)
-    mode = "quick" if args.quick else "full"
+    mode = ("quick" if args.quick else "full") + ("-gpu" if args.gpu else "")
     data = {
         "mode": mode, "plan": asdict(plan), "machine": machine(args.threads), "cpu_features": features,
+        "gpu": runs["transformers"][0]["ran"]["device"] if args.gpu else None,
         "isa": args.isa, "isa_settings": ISAS.get(args.isa or ""),
         "preferred_float_type": chosen, "transformers_fastest_dtype": hf_dtype, "transformers_probes": probes,
         "runs": runs,
     }
-    save_results(HERE / "results", "-first-image" + ("-quick" if args.quick else ""), data, result, table,
-                 f"first image - {mode} - {args.isa or data['machine']['cpu'][:40]} - {chosen}", cpu=args.isa)
+    save_results(HERE / "results", "-first-image" + ("-quick" if args.quick else "") + ("-gpu" if args.gpu else ""),
+                 data, result, table,
+                 f"first image - {mode} - {data['gpu'] or args.isa or data['machine']['cpu'][:40]} - {chosen}",
+                 cpu=args.isa or (re.sub(r"[^a-z0-9]+", "-", data["gpu"].lower()).strip("-") if args.gpu else None))
 
 if __name__ == "__main__":
     main()

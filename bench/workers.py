@@ -231,16 +231,26 @@ def stream_llama_cpp_python(spec: dict[str, Any]) -> dict[str, Any]:
             "n_vocab": llm.n_vocab()}
 
 
-def _hf_decode(model: Any, tokenizer: Any, n_tokens: int) -> float:
+def _sync(device: str) -> None:
+    """Wait for the GPU's queued work, so a wall-clock timer covers it (no-op on the CPU)."""
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _hf_decode(model: Any, tokenizer: Any, n_tokens: int, device: str = "cpu") -> float:
     """Greedy decode tokens/s of a text prompt: (N - 1) / (time(N tokens) - time(1 token))."""
     import torch
 
-    ids = tokenizer(PREFIX + FIRST_QUESTION + SUFFIX, return_tensors="pt").input_ids
+    ids = tokenizer(PREFIX + FIRST_QUESTION + SUFFIX, return_tensors="pt").input_ids.to(device)
 
     def gen(n: int) -> float:
+        _sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _sync(device)
         return time.perf_counter() - t0
 
     gen(2)  # warm-up
@@ -290,7 +300,7 @@ def _package_ran() -> dict[str, Any]:
 
     info = glm4v_mtmd.engine_info()
     return {"package": os.path.dirname(glm4v_mtmd.__file__), "cpu_features": sorted(glm4v_mtmd.cpu_features()),
-            "system_info": info["system_info"], "patches": info["patches"],
+            "system_info": info["system_info"], "patches": info["patches"], "backends": info["backends"],
             "preferred_float_type": glm4v_mtmd.preferred_float_type()}
 
 
@@ -305,7 +315,8 @@ def first_image_package(spec: dict[str, Any]) -> dict[str, Any]:
 
     source = Image.open(spec["image"]).convert("RGB")
     seed = spec.get("seed", 0)
-    with Session(spec["model"], spec["mmproj"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) as s:
+    with Session(spec["model"], spec["mmproj"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
+                 n_gpu_layers=spec.get("n_gpu_layers")) as s:
         result, _ = _timed_generate(s, [PREFIX, _perturbed(source, seed), spec["text"] + SUFFIX], spec["n_tokens"])
         t = result.timings
         out = {"preprocess_ms": t.preprocess_ms, "encode_ms": t.encode_ms, "prefill_ms": t.prompt_ms,
@@ -341,40 +352,47 @@ def first_image_transformers(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["n_threads"])
     dtype = getattr(torch, spec["dtype"])
-    model = transformers.Glm4vForConditionalGeneration.from_pretrained(spec["hf_dir"], dtype=dtype).eval()
+    device = spec.get("device", "cpu")
+    model = transformers.Glm4vForConditionalGeneration.from_pretrained(spec["hf_dir"], dtype=dtype).eval().to(device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec["hf_dir"])
     pre = glm4v_mtmd.preprocess(spec["image"])
-    pixels, grid = torch.from_numpy(pre.pixel_values).to(dtype), torch.tensor([pre.grid])
-    inputs = _hf_prompt(tokenizer, pre.n_tokens, spec["text"])
+    pixels = torch.from_numpy(pre.pixel_values).to(device=device, dtype=dtype)
+    grid = torch.tensor([pre.grid], device=device)
+    inputs = {k: v.to(device) for k, v in _hf_prompt(tokenizer, pre.n_tokens, spec["text"]).items()}
     with torch.inference_mode():
         if spec.get("warmup", True):  # one small call: lazy initialisation is not charged to the image
-            model.get_image_features(pixel_values=pixels[:64], image_grid_thw=torch.tensor([[1, 8, 8]]))
-    encode_ms, prefill_ms = _hf_encode_prefill(model, pixels, grid, inputs)
+            model.get_image_features(pixel_values=pixels[:64], image_grid_thw=torch.tensor([[1, 8, 8]], device=device))
+    encode_ms, prefill_ms = _hf_encode_prefill(model, pixels, grid, inputs, device)
     out = {"dtype": spec["dtype"], "encode_ms": encode_ms, "prefill_ms": prefill_ms,
            "prompt_tokens": int(inputs["input_ids"].shape[1]),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-           "ran": {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "ran": {"device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
+                   "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
                    "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
                    "MKL_ENABLE_INSTRUCTIONS": os.environ.get("MKL_ENABLE_INSTRUCTIONS")}}
     if spec.get("n_tokens"):
-        out["decode_tok_s"] = _hf_decode(model, tokenizer, spec["n_tokens"])
+        out["decode_tok_s"] = _hf_decode(model, tokenizer, spec["n_tokens"], device)
     if spec.get("second_image"):  # the same steps again in this process (transformers caches nothing)
-        encode_ms, prefill_ms = _hf_encode_prefill(model, pixels, grid, inputs)
+        encode_ms, prefill_ms = _hf_encode_prefill(model, pixels, grid, inputs, device)
         out |= {"second_encode_ms": encode_ms, "second_prefill_ms": prefill_ms}
     return out
 
 
-def _hf_encode_prefill(model: Any, pixels: Any, grid: Any, inputs: dict[str, Any]) -> tuple[float, float]:
+def _hf_encode_prefill(model: Any, pixels: Any, grid: Any, inputs: dict[str, Any],
+                       device: str = "cpu") -> tuple[float, float]:
     """Milliseconds of ``get_image_features``, then of the language model over the prompt with those
     features (``mm_encoder_outputs``: no second encode)."""
     import torch
 
     with torch.inference_mode():
+        _sync(device)
         t0 = time.perf_counter()
         features = model.model.get_image_features(pixels, grid, return_dict=True)
+        _sync(device)
         t1 = time.perf_counter()
         model(**inputs, image_grid_thw=grid, mm_encoder_outputs={"image": features}, logits_to_keep=1)
+        _sync(device)
         t2 = time.perf_counter()
     return 1000 * (t1 - t0), 1000 * (t2 - t1)
 

@@ -26,3 +26,12 @@ if(NOT DEFINED GGML_RPC)
   set(GGML_RPC ON CACHE BOOL "ggml: use RPC")
 endif()
 set(GGML_RPC_RDMA OFF CACHE BOOL "" FORCE)
+
+# Each engine library keeps to itself what it links from static archives. A CUDA build's
+# libggml-cuda.so was seen exporting ~1,900 of libstdc++'s own functions (from a static
+# libstdc++): the dynamic linker then bound other libraries' C++ calls to that copy, and the
+# process crashed on model load (llama_model::print_info) or when torch was imported after the
+# engine. --exclude-libs keeps archive members out of the dynamic symbol table.
+if(CMAKE_SYSTEM_NAME STREQUAL "Linux")
+  add_link_options("LINKER:--exclude-libs,ALL")
+endif()

@@ -19,14 +19,32 @@ if os.environ.get("GLM4V_MTMD_PACKAGE_DIR"):
     sys.path.insert(0, os.environ["GLM4V_MTMD_PACKAGE_DIR"])
     sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable")]
 
-from collections.abc import Callable
-from typing import Any
+# On a CUDA build of the engine, torch imported after the engine crashes the process (the two load
+# different builds of the CUDA libraries): the GPU run imports it first.
+if os.environ.get("GLM4V_MTMD_TEST_N_GPU_LAYERS"):
+    import torch  # noqa: F401
+
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np
 import pytest
 import tiny_models
 
+import glm4v_mtmd.model
 from glm4v_mtmd import GenerationConfig
+
+# GLM4V_MTMD_TEST_N_GPU_LAYERS=-1 runs the suite on a GPU build with every layer (and the projector)
+# offloaded: it becomes the default of every Model this process loads (an explicit n_gpu_layers wins).
+if os.environ.get("GLM4V_MTMD_TEST_N_GPU_LAYERS"):
+    _TEST_GPU_LAYERS = int(os.environ["GLM4V_MTMD_TEST_N_GPU_LAYERS"])
+    _model_init = glm4v_mtmd.model.Model.__init__
+
+    @functools.wraps(_model_init)
+    def _offloaded_init(self: Any, *args: Any, n_gpu_layers: Any = None, **kwargs: Any) -> None:
+        _model_init(self, *args, n_gpu_layers=_TEST_GPU_LAYERS if n_gpu_layers is None else n_gpu_layers, **kwargs)
+
+    glm4v_mtmd.model.Model.__init__ = _offloaded_init  # type: ignore[method-assign]
 
 ARCHS = tiny_models.MODEL_KINDS
 

@@ -249,6 +249,18 @@ def reference_image_features(
     return torch.cat(list(out.pooler_output), dim=0).float().numpy()
 
 
+def _cache_kwarg(model: Any) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache of a forward's output, under either of transformers 5's names."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 def _prefill(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, int]:
     """Run the prompt once; returns (last logits [vocab], cache, next position).
 
@@ -260,7 +272,7 @@ def _prefill(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, int]:
     positions = torch.from_numpy(reference_positions(model, inputs).T.copy())[:, None, :]
     kwargs = _model_kwargs(inputs)
     out = model(**kwargs, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float(), out.cache, int(positions.max()) + 1
+    return out.logits[0, -1].float(), _cache_of(out), int(positions.max()) + 1
 
 
 def _decode_step(model: Any, token: int, cache: Any, position: int, n_past: int) -> tuple[Any, Any]:
@@ -270,8 +282,8 @@ def _decode_step(model: Any, token: int, cache: Any, position: int, n_past: int)
     ids = torch.tensor([[token]], dtype=torch.long)
     pos = torch.full((3, 1, 1), position, dtype=torch.long)
     mask = torch.ones((1, n_past + 1), dtype=torch.long)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    return out.logits[0, -1].float(), out.cache
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kwarg(model): cache})
+    return out.logits[0, -1].float(), _cache_of(out)
 
 
 def reference_last_logits(model: Any, inputs: dict[str, Any], f16_conv: bool = True) -> np.ndarray:
