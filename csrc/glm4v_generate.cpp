@@ -1,6 +1,7 @@
-// glm4v-mtmd C API: the sample -> decode loop, run in C so Python only asks for text. Each
-// decode is a request to the scheduler (glm4v_sched.cpp), so contexts generating at once
-// share engine steps; sampling reads the context's own copy of its logits.
+// glm4v-mtmd C API: the sample -> decode loop, run in C so Python only asks for text. With one
+// sequence the caller's thread runs it; with several, the engine thread runs each call whole
+// (glm4v_sched.cpp), so contexts generating at once share engine steps back to back; sampling
+// reads the context's own copy of its logits.
 
 #include "glm4v_internal.h"
 
@@ -10,6 +11,74 @@
 #include <vector>
 
 using namespace glm4v_detail;
+
+namespace glm4v_detail {
+
+bool gen_wants_more(const glm4v_gen_call & g) {
+    const glm4v_ctx * s = g.ctx;
+    return s->finish == GLM4V_FINISH_NONE && g.steps < g.max_steps && g.n_tokens < g.tokens_cap &&
+           (int32_t) s->pending_text.size() < g.text_cap / 2;
+}
+
+bool gen_prepare_decode(glm4v_gen_call & g) {
+    glm4v_ctx * s = g.ctx;
+    if (s->pending_token < 0) return false;
+    if ((int32_t) s->cell_next.size() >= s->m->n_ctx_seq) {
+        s->finish = GLM4V_FINISH_CONTEXT;
+        return false;
+    }
+    glm4v_entry & e = g.req.entries[0];
+    e.token = s->pending_token;
+    e.pos[0] = e.pos[1] = e.pos[2] = s->next_pos;
+    e.pos[3] = s->m->use_mrope ? 0 : s->next_pos;
+    return true;
+}
+
+void gen_decoded(glm4v_gen_call & g, double step_ms) {
+    glm4v_ctx * s = g.ctx;
+    record_cells(s, 1, s->next_pos + 1, 0);
+    s->pending_token = -1;
+    s->timings.t_decode_ms += step_ms;
+    s->timings.n_decode += 1;
+}
+
+glm4v_status gen_sample(glm4v_gen_call & g) {
+    glm4v_ctx * s = g.ctx;
+    glm4v_model * m = s->m;
+    const double t1 = now_ms();
+    // llama_sampler_sample's CPU path, on this context's copy of its logits.
+    const int32_t n_vocab = m->n_vocab;
+    s->candidates.resize((size_t) n_vocab);
+    for (llama_token id = 0; id < n_vocab; ++id) {
+        s->candidates[(size_t) id] = llama_token_data{id, s->logits[(size_t) id], 0.0f};
+    }
+    llama_token_data_array cur = {s->candidates.data(), s->candidates.size(), -1, false};
+    llama_sampler_apply(s->smpl, &cur);
+    if (cur.selected < 0 || cur.selected >= (int64_t) cur.size) {
+        return fail(s, GLM4V_ERR_INTERNAL, "the sampler selected no token");
+    }
+    const llama_token tok = cur.data[cur.selected].id;
+    llama_sampler_accept(s->smpl, tok);
+    s->timings.t_sample_ms += now_ms() - t1;
+    ++g.steps;
+    if (std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end()) {
+        s->finish = GLM4V_FINISH_STOP;
+        g.stop_token = tok;
+        return GLM4V_OK;
+    }
+    // Render special pieces: grounding markers (<|begin_of_box|>) are special tokens.
+    char piece[256];
+    const int32_t n = llama_token_to_piece(m->vocab, tok, piece, sizeof(piece), 0, true);
+    if (n > 0) s->pending_text.append(piece, (size_t) n);
+    g.tokens_out[g.n_tokens++] = tok;
+    s->pending_token = tok;
+    s->n_generated += 1;
+    s->have_logits = false;
+    if (s->n_generated >= s->max_tokens) s->finish = GLM4V_FINISH_LENGTH;
+    return GLM4V_OK;
+}
+
+}  // namespace glm4v_detail
 
 extern "C" {
 
@@ -89,77 +158,48 @@ glm4v_status glm4v_gen_step(glm4v_ctx * s, int32_t max_steps, char * text_out, i
     try {
         glm4v_call_scope scope(s);
         glm4v_model * m = s->m;
-        char piece[256];
-        const int32_t n_ctx = m->n_ctx_seq;
-        glm4v_request req;
-        req.entries.resize(1);
-        int32_t steps = 0;
-        while (s->finish == GLM4V_FINISH_NONE && steps < max_steps && *n_tokens < tokens_cap &&
-               (int32_t) s->pending_text.size() < text_cap / 2) {
+        glm4v_gen_call g;
+        g.ctx = s;
+        g.max_steps = max_steps;
+        g.tokens_cap = tokens_cap;
+        g.text_cap = text_cap;
+        g.tokens_out = tokens_out;
+        g.req.entries.resize(1);
+        glm4v_status st = GLM4V_OK;
+        while (st == GLM4V_OK && gen_wants_more(g)) {
             if (s->cancel.load() || s->poll_interrupt(false)) {
                 s->finish = GLM4V_FINISH_CANCELLED;
                 break;
             }
-            // Decode the token emitted by the previous step, so that the cache always holds
-            // everything but the last emitted token (which is decoded only if needed).
-            if (s->pending_token >= 0) {
-                if ((int32_t) s->cell_next.size() >= n_ctx) {
-                    s->finish = GLM4V_FINISH_CONTEXT;
-                    break;
-                }
-                const double t0 = now_ms();
-                glm4v_entry & e = req.entries[0];
-                e.token = s->pending_token;
-                e.pos[0] = e.pos[1] = e.pos[2] = s->next_pos;
-                e.pos[3] = m->use_mrope ? 0 : s->next_pos;
-                glm4v_status st = run_step(s, req, "decoding");
-                if (st != GLM4V_OK) drop_unrecorded(s);
-                if (st == GLM4V_ERR_CANCELLED) {
-                    s->finish = GLM4V_FINISH_CANCELLED;
-                    s->last_error.clear();
-                    break;
-                }
-                if (st != GLM4V_OK) {
-                    set_gen_active(s, false);
-                    return st;
-                }
-                record_cells(s, 1, s->next_pos + 1, 0);
-                s->pending_token = -1;
-                s->timings.t_decode_ms += now_ms() - t0;
-                s->timings.n_decode += 1;
+            if (s->pending_token < 0) {
+                st = gen_sample(g);  // the prompt's logits: no decode first
+                continue;
             }
-            const double t1 = now_ms();
-            // llama_sampler_sample's CPU path, on this context's copy of its logits.
-            const int32_t n_vocab = m->n_vocab;
-            s->candidates.resize((size_t) n_vocab);
-            for (llama_token id = 0; id < n_vocab; ++id) {
-                s->candidates[(size_t) id] = llama_token_data{id, s->logits[(size_t) id], 0.0f};
-            }
-            llama_token_data_array cur = {s->candidates.data(), s->candidates.size(), -1, false};
-            llama_sampler_apply(s->smpl, &cur);
-            if (cur.selected < 0 || cur.selected >= (int64_t) cur.size) {
-                set_gen_active(s, false);
-                return fail(s, GLM4V_ERR_INTERNAL, "the sampler selected no token");
-            }
-            const llama_token tok = cur.data[cur.selected].id;
-            llama_sampler_accept(s->smpl, tok);
-            s->timings.t_sample_ms += now_ms() - t1;
-            ++steps;
-            if (std::find(s->stop_tokens.begin(), s->stop_tokens.end(), tok) != s->stop_tokens.end()) {
-                s->finish = GLM4V_FINISH_STOP;
-                *stop_token = tok;
+            if (engine_running(m)) {
+                // Shared steps: the engine thread runs the rest of this call.
+                st = run_generation(g);
                 break;
             }
-            // Render special pieces: grounding markers (<|begin_of_box|>) are special tokens.
-            int32_t n = llama_token_to_piece(m->vocab, tok, piece, sizeof(piece), 0, true);
-            if (n > 0) s->pending_text.append(piece, (size_t) n);
-            tokens_out[(*n_tokens)++] = tok;
-            s->pending_token = tok;
-            s->n_generated += 1;
-            s->have_logits = false;
-            if (s->n_generated >= s->max_tokens) {
-                s->finish = GLM4V_FINISH_LENGTH;
+            // One sequence: decode the token emitted by the previous step (the cache holds
+            // everything but the last emitted token), then sample, on this thread.
+            if (!gen_prepare_decode(g)) break;
+            const double t0 = now_ms();
+            st = run_step(s, g.req, "decoding");
+            if (st == GLM4V_OK) {
+                gen_decoded(g, now_ms() - t0);
+                st = gen_sample(g);
             }
+        }
+        *n_tokens = g.n_tokens;
+        *stop_token = g.stop_token;
+        if (st == GLM4V_ERR_CANCELLED) {
+            drop_unrecorded(s);
+            s->finish = GLM4V_FINISH_CANCELLED;
+            s->last_error.clear();
+        } else if (st != GLM4V_OK) {
+            drop_unrecorded(s);
+            set_gen_active(s, false);
+            return st;
         }
         // Hand out complete UTF-8 text; at the end, everything.
         size_t n_out = s->finish != GLM4V_FINISH_NONE ? s->pending_text.size() : utf8_complete_prefix(s->pending_text);

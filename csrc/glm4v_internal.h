@@ -69,6 +69,8 @@ struct glm4v_entry {
 
 // What one context hands the scheduler: entries of its sequence for the next engine step.
 // The logits of the last entry are copied into the context's own buffer.
+struct glm4v_gen_call;
+
 struct glm4v_request {
     glm4v_ctx * ctx = nullptr;
     std::vector<glm4v_entry> entries;
@@ -77,6 +79,26 @@ struct glm4v_request {
     bool done = false;
     int32_t rc = 0;           // llama_process's return value for the step
     std::string error;        // the engine's ERROR log lines of the step
+    glm4v_gen_call * gen = nullptr;  // the generation call this is the decode of (engine-run calls)
+};
+
+// One glm4v_gen_step call: what it may still produce and what it has produced. With the engine
+// thread running, the call is handed to it whole: each step decodes the last sampled token of
+// every such call, and the engine samples the next one and checks the stop conditions itself, so
+// contexts generating together advance in back-to-back steps (as llama-server's slots do in its
+// one loop) and their callers wake only when their call is complete.
+struct glm4v_gen_call {
+    glm4v_ctx * ctx = nullptr;
+    int32_t max_steps = 0;    // tokens this call may sample
+    int32_t tokens_cap = 0;
+    int32_t text_cap = 0;
+    int32_t * tokens_out = nullptr;
+    int32_t n_tokens = 0;     // tokens emitted into tokens_out
+    int32_t steps = 0;        // tokens sampled
+    int32_t stop_token = -1;
+    glm4v_request req;        // the decode of the pending token, for the next step
+    bool done = false;        // the engine has finished the call (under sched.mu)
+    glm4v_status status = GLM4V_OK;  // a failure of its step (recorded on ctx)
 };
 
 // Shared engine steps (continuous batching, as llama-server's slots share llama_decode):
@@ -99,6 +121,7 @@ struct glm4v_scheduler {
     // Other engine work to run on the engine thread, between steps (image encodes): one thread,
     // one OpenMP team, never two computations contending for the cores.
     std::deque<std::function<void()> *> tasks;
+    std::vector<glm4v_gen_call *> gens;  // generation calls the engine thread runs
 };
 
 namespace glm4v_detail {
@@ -233,6 +256,20 @@ size_t utf8_complete_prefix(const std::string & s);
 void enter_call(glm4v_ctx * c);
 void leave_call(glm4v_ctx * c);
 glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what);
+// The status (recorded on c) of a request's step, which ended with req.rc.
+glm4v_status step_status(glm4v_ctx * c, const glm4v_request & req, const char * what);
+// Hand g to the engine thread and wait until it is complete (the engine must be running).
+glm4v_status run_generation(glm4v_gen_call & g);
+bool engine_running(const glm4v_model * m);
+
+// glm4v_generate.cpp: the pieces of one generation call, shared by the caller's loop and the
+// engine thread's. gen_wants_more: the call may sample another token. gen_prepare_decode: put
+// the pending token into g.req (false when there is none, or the context is full: then finish
+// is set). gen_decoded: account for its decode (step_ms). gen_sample: sample, emit, check stops.
+bool gen_wants_more(const glm4v_gen_call & g);
+bool gen_prepare_decode(glm4v_gen_call & g);
+void gen_decoded(glm4v_gen_call & g, double step_ms);
+glm4v_status gen_sample(glm4v_gen_call & g);
 // Open or close c's generation in the scheduler's count of generating contexts.
 void set_gen_active(glm4v_ctx * c, bool active);
 void model_steps(glm4v_model * m, int64_t * steps, int64_t * requests);

@@ -30,14 +30,38 @@ namespace {
 
 using steady = std::chrono::steady_clock;
 
-// The requests of the next step, removed from the queue (sched.mu held).
-std::vector<glm4v_request *> take_step(glm4v_model * m) {
+// The requests of the next step (sched.mu held): queued requests, removed from the queue, and the
+// decodes of the engine-run generation calls. Calls that end here (cancelled, context full) go to
+// `ended`. One kind per batch (the engine takes either token ids or embedding rows); when both
+// kinds wait, they take turns (`last_embd`: the kind of the previous step).
+std::vector<glm4v_request *> take_step(glm4v_model * m, bool last_embd, std::vector<glm4v_gen_call *> & ended) {
     auto & q = m->sched.queue;
     std::vector<glm4v_request *> out;
-    if (q.empty()) return out;
-    // One kind per batch: the engine takes either token ids or embedding rows.
-    const bool embd = q.front()->embd;
     size_t n = 0;
+    std::vector<glm4v_request *> gens;
+    for (glm4v_gen_call * g : m->sched.gens) {
+        if (g->ctx->cancel.load()) {
+            g->ctx->finish = GLM4V_FINISH_CANCELLED;
+            ended.push_back(g);
+        } else if (gen_prepare_decode(*g)) {
+            g->req.ctx = g->ctx;
+            g->req.gen = g;
+            g->req.rc = 0;
+            gens.push_back(&g->req);
+        } else {
+            ended.push_back(g);  // the context is full (finish set), or nothing is pending
+        }
+    }
+    bool embd = !q.empty() && q.front()->embd;
+    if (embd && last_embd && !gens.empty()) embd = false;
+    if (!embd) {
+        for (glm4v_request * r : gens) {
+            if (n + 1 > (size_t) m->n_batch) break;
+            r->taken = true;
+            n += 1;
+            out.push_back(r);
+        }
+    }
     for (auto it = q.begin(); it != q.end();) {
         glm4v_request * r = *it;
         if (r->embd == embd && n + r->entries.size() <= (size_t) m->n_batch) {
@@ -112,21 +136,32 @@ void run_engine_step(glm4v_model * m, const std::vector<glm4v_request *> & step)
     }
 }
 
+// Finish the engine-run generation calls in `ended` (sched.mu held): their callers wake.
+void end_gens(glm4v_scheduler & sc, const std::vector<glm4v_gen_call *> & ended) {
+    for (glm4v_gen_call * g : ended) {
+        sc.gens.erase(std::remove(sc.gens.begin(), sc.gens.end(), g), sc.gens.end());
+        g->done = true;
+        sc.n_working += 1;  // back in its caller's call (counted out in run_generation)
+    }
+}
+
 // The engine thread: wait for work, wait briefly for contexts about to queue, take, run, publish.
 void engine_loop(glm4v_model * m) {
     glm4v_scheduler & sc = m->sched;
     std::unique_lock<std::mutex> lk(sc.mu);
     bool stepped = true;  // tasks and steps alternate when both wait
+    bool last_embd = false;
+    std::vector<glm4v_gen_call *> ended;
     while (true) {
-        sc.cv.wait(lk, [&] { return sc.stop || !sc.queue.empty() || !sc.tasks.empty(); });
-        if (!stepped && sc.queue.empty() && !sc.stop) {
+        sc.cv.wait(lk, [&] { return sc.stop || !sc.queue.empty() || !sc.tasks.empty() || !sc.gens.empty(); });
+        if (!stepped && sc.queue.empty() && sc.gens.empty() && !sc.stop) {
             // After an encode, its caller is about to queue the prompt that holds the image: give it
             // the next turn rather than the next encode (which would delay that prompt's first token
             // by a whole encode).
             sc.cv.wait_for(lk, std::chrono::milliseconds(20), [&] { return sc.stop || !sc.queue.empty(); });
         }
         // Tasks before the stop check: a caller waits for each one.
-        if (!sc.tasks.empty() && (stepped || sc.queue.empty() || sc.stop)) {
+        if (!sc.tasks.empty() && (stepped || (sc.queue.empty() && sc.gens.empty()) || sc.stop)) {
             stepped = false;
             std::function<void()> * task = sc.tasks.front();
             sc.tasks.pop_front();
@@ -138,7 +173,7 @@ void engine_loop(glm4v_model * m) {
         if (sc.stop) break;
         // Contexts inside a call are sampling their next token (well under a step); contexts with an
         // open generation outside any call are back in Python (a stream's consumer) and may be slow:
-        // wait less for them.
+        // wait less for them. Engine-run generation calls need no wait: their next token is ready.
         const double working_ms = std::min(50.0, std::max(0.5, 2.0 * sc.step_ms));
         const double outside_ms = std::min(2.0, 0.1 * sc.step_ms);
         const auto t0 = steady::now();
@@ -147,13 +182,35 @@ void engine_loop(glm4v_model * m) {
                             (sc.n_working == 0 && sc.n_generating > 0 && waited_ms() < outside_ms))) {
             sc.cv.wait_for(lk, std::chrono::microseconds(200));
         }
-        sc.step = take_step(m);
+        ended.clear();
+        sc.step = take_step(m, last_embd, ended);
         stepped = true;
+        if (!ended.empty()) {
+            end_gens(sc, ended);
+            sc.cv.notify_all();
+        }
         if (sc.step.empty()) continue;  // every request was withdrawn (cancelled) meanwhile
+        last_embd = sc.step.front()->embd;
         lk.unlock();
+        begin_api_call(nullptr);  // this thread's engine log lines: this step's only
         const double t1 = now_ms();
         run_engine_step(m, sc.step);
         const double dt = now_ms() - t1;
+        begin_api_call(nullptr);  // each request carries them (req.error)
+        // The engine-run calls: account for the decode, sample the next token, check the stops
+        // (their callers are waiting, so their contexts are this thread's until they are done).
+        ended.clear();
+        for (glm4v_request * r : sc.step) {
+            glm4v_gen_call * g = r->gen;
+            if (!g) continue;
+            if (r->rc != 0) {
+                g->status = step_status(g->ctx, *r, "decoding");
+            } else {
+                gen_decoded(*g, dt);
+                g->status = gen_sample(*g);
+            }
+            if (g->status != GLM4V_OK || !gen_wants_more(*g)) ended.push_back(g);
+        }
         lk.lock();
         sc.step_ms = 0.8 * sc.step_ms + 0.2 * dt;
         sc.n_steps += 1;
@@ -161,12 +218,20 @@ void engine_loop(glm4v_model * m) {
         // Their contexts count as working from now on (they will sample and queue again), not from
         // when their threads wake up: the next step must wait for them, not start without them.
         for (glm4v_request * r : sc.step) {
+            if (r->gen) continue;
             r->done = true;
             sc.n_working += 1;
         }
+        end_gens(sc, ended);
         sc.step.clear();
         sc.cv.notify_all();
     }
+    // Stopping: calls still handed over end with an error rather than wait forever.
+    for (glm4v_gen_call * g : sc.gens) {
+        g->status = fail(g->ctx, GLM4V_ERR_INTERNAL, "the model is closing");
+    }
+    end_gens(sc, std::vector<glm4v_gen_call *>(sc.gens));
+    sc.cv.notify_all();
 }
 
 }  // namespace
@@ -240,6 +305,11 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
             return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
         }
     }
+    return step_status(c, req, what);
+}
+
+glm4v_status step_status(glm4v_ctx * c, const glm4v_request & req, const char * what) {
+    glm4v_model * m = c->m;
     const int32_t rc = req.rc;
     if (rc == 0) return GLM4V_OK;
     // fail() appends this thread's engine log lines; those of a step run on the engine thread come
@@ -257,6 +327,28 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
     if (rc == RC_BATCH) return fail(c, GLM4V_ERR_INTERNAL, fmt("%s: the engine batch refused an entry", what) + suffix);
     if (rc == RC_LOGITS) return fail(c, GLM4V_ERR_INTERNAL, fmt("%s: the engine returned no logits", what) + suffix);
     return fail(c, GLM4V_ERR_DECODE, fmt("%s failed (llama_process returned %d)", what, rc) + suffix);
+}
+
+bool engine_running(const glm4v_model * m) {
+    return m->engine.joinable();
+}
+
+glm4v_status run_generation(glm4v_gen_call & g) {
+    glm4v_ctx * c = g.ctx;
+    glm4v_scheduler & sc = c->m->sched;
+    std::unique_lock<std::mutex> lk(sc.mu);
+    sc.gens.push_back(&g);
+    sc.n_working -= 1;  // handed over: the engine need not wait for this context
+    sc.cv.notify_all();
+    while (!g.done) {
+        sc.cv.wait_for(lk, std::chrono::milliseconds(20));
+        if (!g.done && c->poll_fn) {
+            lk.unlock();  // the poll runs Python code: never hold the scheduler's lock there (it
+            c->poll_interrupt(true);  // sets cancel, which the engine sees at its next step)
+            lk.lock();
+        }
+    }
+    return g.status;
 }
 
 void run_on_engine(glm4v_model * m, const std::function<void()> & fn) {

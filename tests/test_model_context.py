@@ -94,6 +94,56 @@ def test_two_contexts_generating_together_give_their_answers_alone(arch_model):
     assert shared >= 24, f"{served1 - served0} requests in {steps1 - steps0} engine steps"
 
 
+def test_steps_of_contexts_generating_together_follow_back_to_back(model):
+    """With several contexts the engine thread runs each generation call whole (it samples too):
+    two contexts asking for 48 tokens at once take one shared step per token, not one per request."""
+    with model.context() as a, model.context() as b:
+        a.evaluate(PROMPT)
+        b.evaluate(PROMPT_B)
+        steps0, served0 = model.engine_steps
+        together = _run_together([lambda: a.generate(PROMPT, GREEDY_48), lambda: b.generate(PROMPT_B, GREEDY_48)])
+        steps1, served1 = model.engine_steps
+    assert [len(r.token_ids) for r in together] == [48, 48]
+    # 47 decodes each (the last token is not decoded) plus each prompt's last cell re-evaluated; the
+    # contexts start a few tokens apart at most.
+    assert served1 - served0 >= 2 * 47
+    assert steps1 - steps0 <= 47 + 8, f"{served1 - served0} requests in {steps1 - steps0} steps"
+
+
+def test_a_cancel_stops_an_engine_run_call_and_leaves_the_other_context_alone(model):
+    """A generation call of many tokens on the engine thread (a non-streamed generate) ends at its
+    next step once cancelled; the context generating beside it gives its full answer."""
+    long = GenerationConfig(max_tokens=400, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                            ignore_eos=True)
+    with model.context() as a, model.context() as b:
+        alone = b.generate(PROMPT_B, GREEDY_48)
+        b.reset()
+        steps0 = model.engine_steps[0]
+
+        def cancel_soon():
+            while model.engine_steps[0] < steps0 + 30:  # ~30 tokens in: inside a's first call of 64
+                threading.Event().wait(0.001)
+            a.cancel()
+
+        def run_a():
+            return a.generate(PROMPT, long)
+
+        out_a, out_b, _ = _run_together([run_a, lambda: b.generate(PROMPT_B, GREEDY_48), cancel_soon])
+    assert out_a.finish_reason == "cancelled"
+    assert 0 < len(out_a.token_ids) < 400
+    assert out_b.finish_reason == "length" and out_b.token_ids == alone.token_ids
+
+
+def test_a_full_context_ends_an_engine_run_call_with_reason_context(pair):
+    with Model(*pair, n_ctx=64, n_parallel=2, n_threads=1) as m, m.context() as ctx:
+        out = ctx.generate(PROMPT[:1] + ["hello<|assistant|>\n"],
+                           GenerationConfig(max_tokens=10_000, temperature=0.0, ignore_eos=True))
+        assert out.finish_reason == "context"
+        assert ctx.n_cells == m.n_ctx
+        ctx.reset()
+        assert ctx.generate(PROMPT, GREEDY).finish_reason == "length"  # the context still works
+
+
 def test_concurrent_prompts_give_the_logits_and_positions_of_transformers(arch_model, hf_checkpoint,
                                                                             reference_model):
     arch, model = arch_model
