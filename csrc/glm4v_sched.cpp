@@ -234,6 +234,20 @@ void engine_loop(glm4v_model * m) {
     sc.cv.notify_all();
 }
 
+// Wait (sched.mu held through lk) until done() holds, asking c's interrupt poll every 20 ms
+// meanwhile (it sets c->cancel on Ctrl-C); done() runs under the lock.
+template <typename Done>
+void wait_polling(std::unique_lock<std::mutex> & lk, glm4v_ctx * c, Done done) {
+    while (!done()) {
+        c->m->sched.cv.wait_for(lk, std::chrono::milliseconds(20));
+        if (!done() && c->poll_fn) {
+            lk.unlock();  // the poll runs Python code: never hold the scheduler's lock there
+            c->poll_interrupt(true);
+            lk.lock();
+        }
+    }
+}
+
 }  // namespace
 
 namespace glm4v_detail {
@@ -286,20 +300,14 @@ glm4v_status run_step(glm4v_ctx * c, glm4v_request & req, const char * what) {
         sc.n_working -= 1;
         sc.cv.notify_all();
         bool withdrawn = false;
-        while (!req.done) {
-            if (!req.taken && (c->cancel.load())) {
+        wait_polling(lk, c, [&] {
+            if (!req.done && !req.taken && c->cancel.load()) {
                 // Not in a step yet: leave the queue rather than wait for one.
                 sc.queue.erase(std::find(sc.queue.begin(), sc.queue.end(), &req));
                 withdrawn = true;
-                break;
             }
-            sc.cv.wait_for(lk, std::chrono::milliseconds(20));
-            if (!req.done && c->poll_fn) {
-                lk.unlock();  // the poll runs Python code: never hold the scheduler's lock there
-                c->poll_interrupt(true);
-                lk.lock();
-            }
-        }
+            return req.done || withdrawn;
+        });
         if (withdrawn) {
             sc.n_working += 1;  // the engine thread does this for the requests it served
             return fail(c, GLM4V_ERR_CANCELLED, fmt("%s cancelled", what));
@@ -340,14 +348,7 @@ glm4v_status run_generation(glm4v_gen_call & g) {
     sc.gens.push_back(&g);
     sc.n_working -= 1;  // handed over: the engine need not wait for this context
     sc.cv.notify_all();
-    while (!g.done) {
-        sc.cv.wait_for(lk, std::chrono::milliseconds(20));
-        if (!g.done && c->poll_fn) {
-            lk.unlock();  // the poll runs Python code: never hold the scheduler's lock there (it
-            c->poll_interrupt(true);  // sets cancel, which the engine sees at its next step)
-            lk.lock();
-        }
-    }
+    wait_polling(lk, c, [&] { return g.done; });  // a Ctrl-C sets cancel: the engine ends the call
     return g.status;
 }
 

@@ -36,8 +36,9 @@ def test_engine_libraries_export_no_libstdcxx() -> None:
     leaks = {}
     for lib in libs:
         out = subprocess.run([nm, "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
-        own = [line.split()[-1] for line in out.stdout.splitlines()
-               if line.split()[-1].startswith(LIBSTDCXX_OWN) and line.split()[-2] in ("T", "D", "B", "R")]
+        symbols = (line.split() for line in out.stdout.splitlines())
+        own = [f[-1] for f in symbols
+               if len(f) >= 2 and f[-2] in ("T", "D", "B", "R") and f[-1].startswith(LIBSTDCXX_OWN)]
         if own:
             leaks[lib.name] = (len(own), own[:3])
     assert not leaks, f"engine libraries export libstdc++'s own symbols: {leaks}"
