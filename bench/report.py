@@ -108,15 +108,20 @@ def chart(ratios: list[Ratio], path: pathlib.Path, title: str) -> None:
     img.save(path)
 
 
+# (engine CPU feature, results tag), first match wins. AMX (Xeon, Sapphire Rapids and later; the engine
+# reports AMX_INT8) is a class of its own: its BF16 matmuls and attention run on AMX tiles (patches 0009, 0010).
+CPU_CLASSES = (("AMX_INT8", "amx"), ("AVX512_BF16", "avx512bf16"), ("AVX512", "avx512"), ("AVX2", "avx2"))
+
+
 def cpu_class() -> str:
     """The vector ISA class of this CPU, as the engine detected it: results from different machine kinds
     must not overwrite each other under the same host name."""
     import glm4v_mtmd
 
     features = glm4v_mtmd.cpu_features()
-    for name in ("AVX512_BF16", "AVX512", "AVX2"):
+    for name, tag in CPU_CLASSES:
         if name in features:
-            return name.lower().replace("_", "")
+            return tag
     return platform.machine().lower() or "cpu"
 
 

@@ -23,7 +23,10 @@ the bounds are the default mode's (tests/tolerances.py), which cover F16 K/V.
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,6 +36,7 @@ from conftest import ARCHS, random_image
 
 import glm4v_mtmd
 from glm4v_mtmd import Session
+from glm4v_mtmd.convert import convert
 
 PATCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "patches"
 IMG_10x10 = random_image(140, 140, seed=7)  # 10 x 10 patches of 14 px
@@ -123,3 +127,61 @@ def test_packed_gemm_matches_reference(arch, outtype, gguf_pair, hf_checkpoint, 
         ref_logits = reference.reference_last_logits(reference_model(arch), inputs)
         diff = float(np.max(np.abs(session.evaluate(BATCH_PROMPT).logits - ref_logits)))
         assert diff <= logits_bound, f"max |logit difference| {diff:.2e}"
+
+
+# 0009 and 0010 run the packed BF16 GEMM and the tiled flash attention's GEMMs on AMX tiles, where the
+# build targets AMX (-march=native on such a CPU) and the process may use them; GGML_CPU_AMX_BF16=0 turns
+# both off, so one build runs both paths, each in a child process (the switch is read once per process).
+def _amx_bf16_build() -> bool:
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags and "AMX_INT8 = 1" in glm4v_mtmd.engine_info()["system_info"]
+
+
+AMX_CHILD = r"""
+import os, sys
+if os.environ.get("GLM4V_MTMD_PACKAGE_DIR"):
+    sys.path.insert(0, os.environ["GLM4V_MTMD_PACKAGE_DIR"])
+import numpy as np
+from glm4v_mtmd import Session
+model, mmproj, images, out = sys.argv[1:5]
+images = np.load(images)
+with Session(model, mmproj, n_ctx=1024, n_threads=2, flash_attn=True) as s:
+    embs = [s.encode_image(images[k]).array for k in ("small", "batch")]
+    prompt = ["[gMASK]<sop><|user|>\n", images["small"], sys.argv[5] + "<|assistant|>\n"]
+    logits = s.evaluate(prompt).logits
+np.savez(out, small=embs[0], batch=embs[1], logits=logits)
+"""
+
+
+@pytest.mark.skipif(not _amx_bf16_build(), reason="needs an AMX CPU and a build for it (AMX paths compile only there)")
+@pytest.mark.parametrize("outtype", ["f32", "bf16"])
+def test_amx_paths_match_the_other_kernels(outtype, hf_checkpoint, tmp_path):
+    """0010 (flash attention, F32 weights: the attention is the only AMX op) and 0009 + 0010 (BF16 weights)
+    against the same build with AMX off. Head size 32 in both towers (the tiny models' 16 keeps the F32
+    kernel); a 10 x 10-patch image (a 64-row query tile and a 36-row tail, a 36-key KV tail), a 320-patch
+    one, and a prompt of more than 64 tokens (the text model's tiled attention, 2 KV heads for 4)."""
+    ckpt = hf_checkpoint("glm4v", 0, vision_hidden_size=128, vision_num_heads=4, hidden_size=128,
+                         num_attention_heads=4)
+    model, mmproj = convert(ckpt, tmp_path / "gguf", outtype=outtype, progress=False)
+    images = tmp_path / "images.npz"
+    np.savez(images, small=IMG_10x10, batch=IMG_BATCH)
+    text = LONG_PROMPT[2].removesuffix("<|assistant|>\n")
+    runs = {}
+    for amx in ("0", "1"):
+        out = tmp_path / f"amx{amx}.npz"
+        proc = subprocess.run([sys.executable, "-c", AMX_CHILD, str(model), str(mmproj), str(images), str(out), text],
+                              env={**os.environ, "GGML_CPU_AMX_BF16": amx}, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[amx] = np.load(out)
+    off, on = runs["0"], runs["1"]
+    embed_bound, logits_bound = tolerances.AMX_EMBED_REL_L2[outtype], tolerances.AMX_LOGITS_MAX_ABS[outtype]
+    for key in ("small", "batch"):
+        assert not np.array_equal(on[key], off[key]), f"{key}: bit-equal, so the AMX path did not run"
+        rel = np.linalg.norm(on[key] - off[key]) / np.linalg.norm(off[key])
+        assert rel <= embed_bound, f"{key}: relative L2 difference {rel:.2e}"
+    diff = float(np.max(np.abs(on["logits"] - off["logits"])))
+    assert diff <= logits_bound, f"max |logit difference| {diff:.2e}"

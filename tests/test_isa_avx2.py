@@ -56,7 +56,9 @@ def test_parity_on_an_avx2_only_engine(tmp_path: pathlib.Path) -> None:
 
     child = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'child'}",
-         "test_parity.py", "test_engine_patches.py"],
+         "test_parity.py", "test_engine_patches.py",
+         # the AMX paths (0009, 0010) are not compiled into an AVX2 build: that test would only skip
+         "-k", "not test_amx_paths_match_the_other_kernels"],
         cwd=TESTS, env=env, capture_output=True, text=True, timeout=1200)
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and " skipped" not in child.stdout, child.stdout[-1000:]

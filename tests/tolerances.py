@@ -45,3 +45,12 @@ LOGITS_MAX_ABS_BF16 = 3e-1
 def margin_needed(logits_tolerance: float) -> float:
     """Smallest top-1 margin at which the argmax is decided beyond numerical error."""
     return 2.0 * logits_tolerance
+
+# AMX paths (engine patches 0009, 0010) against the same build's other kernels (GGML_CPU_AMX_BF16=0), on a tiny
+# model with head size 32 and flash attention on. F32 weights: only the attention differs; its operands are split
+# into BF16 pairs (16 significant bits, F16 K/V exact), ~1e-5 relative per score of |q||k|, which the tiny model's
+# large random scores (std-0.2 weights) turn into 1.9e-4 .. 2.1e-4 in embeddings and 2.4e-3 in logits (measured;
+# against transformers both kernels are 1.04e-3 off, from the F16 K/V both round to). BF16 weights: summation order
+# flips BF16 roundings of activations: 6.7e-3 .. 6.9e-3 and 8.7e-2 (as 0004 against tinyBLAS). About 2x headroom.
+AMX_EMBED_REL_L2 = {"f32": 5e-4, "bf16": 1.5e-2}
+AMX_LOGITS_MAX_ABS = {"f32": 5e-3, "bf16": 2e-1}
