@@ -359,6 +359,8 @@ glm4v_status glm4v_model_load(const char * model_path, const char * mmproj_path,
             mcp.warmup = params->warmup != 0;
             mcp.image_min_tokens = params->image_min_tokens;
             mcp.image_max_tokens = params->image_max_tokens;
+            mcp.cb_eval = encode_check;  // cancellable encodes (glm4v_encode_image's cancel flag)
+            mcp.cb_eval_user_data = m;
             m->mctx = mtmd_init_from_file(mmproj_path, m->model, mcp);
             if (rpc_check(m)) return rpc_lost();
             if (!m->mctx) {

@@ -199,15 +199,18 @@ int32_t glm4v_token_id(const glm4v_model *m, const char *piece);
 
 /* ---- images (serialised on the model's projector) ---- */
 /* rgb: height*width*3 bytes, row-major. Sides should already be multiples of
- * 2*patch_size (the Python preprocessing does this), so the engine does not resize. */
+ * 2*patch_size (the Python preprocessing does this), so the engine does not resize.
+ * cancel: NULL, or a flag another thread may set non-zero: the encode then stops at its next
+ * check point (every GLM4V_ENCODE_CHECK_NODES nodes of the vision graph, a layer or less) and
+ * returns GLM4V_ERR_CANCELLED. */
 glm4v_status glm4v_encode_image(glm4v_model *m, const uint8_t *rgb, int32_t width, int32_t height,
-                                glm4v_image **out);
+                                const int32_t *cancel, glm4v_image **out);
 /* A video frame pair (rgb0 the earlier frame), both width x height, sides multiples of 28:
  * frame 0 through the Conv3d's first temporal kernel, frame 1 through the second (engine patch
  * 0005), as one image's worth of tokens. GLM4V_ERR_IMAGE when the pair is outside the
  * projector's token window (the engine would resize it). */
 glm4v_status glm4v_encode_frame_pair(glm4v_model *m, const uint8_t *rgb0, const uint8_t *rgb1, int32_t width,
-                                     int32_t height, glm4v_image **out);
+                                     int32_t height, const int32_t *cancel, glm4v_image **out);
 void glm4v_image_free(glm4v_image *img);
 int32_t glm4v_image_n_tokens(const glm4v_image *img);
 int32_t glm4v_image_n_embd(const glm4v_image *img);

@@ -203,6 +203,19 @@ glm4v_status truncate_cells(glm4v_ctx * c, int32_t n) {
     return GLM4V_OK;
 }
 
+// The projector's eval callback: a check point every GLM4V_ENCODE_CHECK_NODES nodes of the vision
+// graph (ggml's scheduler computes up to each asked-for node, then calls back), where the encode
+// stops if its caller's cancel flag is set. Runs on the thread that encodes, under encode_mu.
+bool encode_check(ggml_tensor * /*t*/, bool ask, void * user_data) {
+    glm4v_model * m = static_cast<glm4v_model *>(user_data);
+    if (ask) return ++m->encode_nodes % GLM4V_ENCODE_CHECK_NODES == 0;
+    if (m->encode_cancel && __atomic_load_n(m->encode_cancel, __ATOMIC_ACQUIRE)) {
+        m->encode_stopped = true;
+        return false;
+    }
+    return true;
+}
+
 }  // namespace glm4v_detail
 
 extern "C" {
@@ -215,7 +228,7 @@ extern "C" {
 // preprocessing, then the vision tower + projector on the model's engine thread. A pair is two
 // mergeable bitmaps behind adjacent markers, which mtmd turns into one 2-entry batch (patch 0005).
 static glm4v_status encode_frames(glm4v_model * m, const uint8_t * rgb0, const uint8_t * rgb1, int32_t width,
-                                  int32_t height, glm4v_image ** out) {
+                                  int32_t height, const int32_t * cancel, glm4v_image ** out) {
     if (!m || !out) return GLM4V_ERR_INVALID_ARGUMENT;
     begin_api_call(nullptr);
     glm4v_ctx * const s = nullptr;  // errors of model calls are the thread's
@@ -286,12 +299,19 @@ static glm4v_status encode_frames(glm4v_model * m, const uint8_t * rgb0, const u
         double t1 = 0.0, t2 = 0.0;
         run_on_engine(m, [&] {
             t1 = now_ms();
+            m->encode_cancel = cancel;  // read by encode_check (the projector's eval callback) on this thread
+            m->encode_stopped = false;
             rc = mtmd_encode_chunk(m->mctx, chunk);
+            m->encode_cancel = nullptr;
             t2 = now_ms();
         });
         if (rpc_check(m)) {
             cleanup();
             return fail(s, GLM4V_ERR_RPC, rpc_call_error(m, fmt("%s encoding", what)));
+        }
+        if (m->encode_stopped) {  // the graph stopped part-way: the output is incomplete
+            cleanup();
+            return fail(s, GLM4V_ERR_CANCELLED, fmt("the %s encoding was cancelled", what));
         }
         if (rc != 0) {
             cleanup();
@@ -323,14 +343,14 @@ static glm4v_status encode_frames(glm4v_model * m, const uint8_t * rgb0, const u
 }
 
 glm4v_status glm4v_encode_image(glm4v_model * m, const uint8_t * rgb, int32_t width, int32_t height,
-                                glm4v_image ** out) {
-    return encode_frames(m, rgb, nullptr, width, height, out);
+                                const int32_t * cancel, glm4v_image ** out) {
+    return encode_frames(m, rgb, nullptr, width, height, cancel, out);
 }
 
 glm4v_status glm4v_encode_frame_pair(glm4v_model * m, const uint8_t * rgb0, const uint8_t * rgb1, int32_t width,
-                                     int32_t height, glm4v_image ** out) {
+                                     int32_t height, const int32_t * cancel, glm4v_image ** out) {
     if (!rgb1) return GLM4V_ERR_INVALID_ARGUMENT;
-    return encode_frames(m, rgb0, rgb1, width, height, out);
+    return encode_frames(m, rgb0, rgb1, width, height, cancel, out);
 }
 
 void glm4v_image_free(glm4v_image * img) { delete img; }

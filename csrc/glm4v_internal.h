@@ -165,6 +165,11 @@ struct glm4v_model {
     double t_load_ms = 0.0;
 
     std::mutex encode_mu;               // the projector is not thread-safe
+    // With encode_mu held: the running encode's cancel flag (glm4v_encode_image), nodes seen by
+    // encode_check, and whether it stopped the graph part-way.
+    const int32_t * encode_cancel = nullptr;
+    uint32_t encode_nodes = 0;
+    bool encode_stopped = false;
     std::mutex seq_mu;
     std::vector<bool> seq_used;
     glm4v_scheduler sched;
@@ -230,6 +235,10 @@ struct glm4v_ctx {
     }
 };
 
+// Vision graph nodes between an encode's cancel checks: GLM-4.xV's tower has ~25 per layer; each
+// check computes the graph up to it as one piece (a thread-pool start, microseconds).
+constexpr uint32_t GLM4V_ENCODE_CHECK_NODES = 16;
+
 namespace glm4v_detail {
 
 // Record msg (with the engine's ERROR log lines of the current call appended) as the last
@@ -282,6 +291,9 @@ void stop_engine(glm4v_model * m);
 bool step_abort(void * model);
 
 // glm4v_eval.cpp
+// The projector's eval callback (ggml_backend_sched_eval_callback, user data the model): a check
+// point every GLM4V_ENCODE_CHECK_NODES graph nodes where a cancelled encode stops.
+bool encode_check(ggml_tensor * t, bool ask, void * user_data);
 void record_cells(glm4v_ctx * c, int32_t n, int32_t next, int32_t image_id);
 void reset_generation(glm4v_ctx * c);
 glm4v_status truncate_cells(glm4v_ctx * c, int32_t n);

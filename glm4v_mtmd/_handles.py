@@ -59,6 +59,20 @@ class Sampling:
     seed: int
 
 
+class EncodeCancel:
+    """A flag another thread sets to stop an image encode at its next check point (a vision layer
+    or less): the encode then raises :class:`GenerationError`. One per request; never reset."""
+
+    def __init__(self) -> None:
+        self.flag = ffi.new("int32_t *")
+
+    def set(self) -> None:
+        self.flag[0] = 1
+
+    def is_set(self) -> bool:
+        return bool(self.flag[0])
+
+
 class ModelHandle:
     """Owner of a ``glm4v_model``: load, vocabulary, image encoding, contexts."""
 
@@ -153,16 +167,19 @@ class ModelHandle:
 
     # ---------------------------------------------------------------- images
 
-    def encode(self, pixels: Any, width: int, height: int, second: Any = None) -> EncodedImage:
+    def encode(self, pixels: Any, width: int, height: int, second: Any = None, cancel: Any = None) -> EncodedImage:
         """Encode RGB bytes already at their final size (the engine serialises encodes); with
-        ``second``, the video frame pair (``pixels`` the earlier frame)."""
+        ``second``, the video frame pair (``pixels`` the earlier frame). ``cancel``: an
+        ``int32_t *`` (:class:`EncodeCancel`) that another thread may set to stop the encode
+        (:class:`GenerationError`)."""
         h = self.ptr()
         out = ffi.new("glm4v_image **")
+        flag = ffi.NULL if cancel is None else cancel.flag
         if second is None:
-            check(lib.glm4v_encode_image(h, ffi.from_buffer(pixels), width, height, out), None, "encode_image")
+            check(lib.glm4v_encode_image(h, ffi.from_buffer(pixels), width, height, flag, out), None, "encode_image")
         else:
-            check(lib.glm4v_encode_frame_pair(h, ffi.from_buffer(pixels), ffi.from_buffer(second), width, height, out),
-                  None, "encode_frame_pair")
+            check(lib.glm4v_encode_frame_pair(h, ffi.from_buffer(pixels), ffi.from_buffer(second), width, height,
+                                              flag, out), None, "encode_frame_pair")
         img = ffi.gc(out[0], lib.glm4v_image_free)
         try:
             n_tokens = lib.glm4v_image_n_tokens(img)

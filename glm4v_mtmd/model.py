@@ -17,7 +17,7 @@ from . import _native
 from ._cache import EmbeddingCache, content_key
 from ._cpu import precision_advice
 from ._gguf_probe import read_header
-from ._handles import ModelHandle
+from ._handles import EncodeCancel, ModelHandle
 from ._native import call_scope
 from ._prompt import CallStats, ImageTokenIds
 from ._validate import check_glm4v_mmproj, check_text_model
@@ -403,8 +403,10 @@ class Model:
                             max_image_pixels=max_image_pixels)
 
     def _encode(self, image: ImageInput, stats: Optional[CallStats], *, min_pixels: Optional[int] = None,
-                max_pixels: Optional[int] = None, max_image_pixels: Optional[int] = None) -> ImageEmbedding:
-        """encode_image, adding the engine's time to ``stats`` (the running call's) when it encodes."""
+                max_pixels: Optional[int] = None, max_image_pixels: Optional[int] = None,
+                cancel: Optional[EncodeCancel] = None) -> ImageEmbedding:
+        """encode_image, adding the engine's time to ``stats`` (the running call's) when it encodes;
+        ``cancel`` stops this call's own encode (another call's that it waits for runs on)."""
         min_pixels = self.min_pixels if min_pixels is None else min_pixels
         max_pixels = self.max_pixels if max_pixels is None else max_pixels
         max_image_pixels = self.max_image_pixels if max_image_pixels is None else max_image_pixels
@@ -412,7 +414,8 @@ class Model:
         # limit of 200 bounds what the 28-px minimum side can add), so the engine never resizes.
         check_limits(min_pixels, max_pixels, max_image_pixels, window=self._pixel_window)
         key = content_key(image, (min_pixels, max_pixels)) if self.image_cache.max_bytes else None
-        return self._cached(key, lambda: self._encode_now(image, stats, min_pixels, max_pixels, max_image_pixels))
+        return self._cached(key, lambda: self._encode_now(image, stats, min_pixels, max_pixels, max_image_pixels,
+                                                          cancel))
 
     def _cached(self, key: Optional[str], encode: Callable[[], ImageEmbedding]) -> ImageEmbedding:
         """``encode()``'s embedding through the cache under ``key`` (None: not cached).
@@ -443,11 +446,11 @@ class Model:
             done.set()
 
     def _encode_now(self, image: ImageInput, stats: Optional[CallStats], min_pixels: int, max_pixels: int,
-                    max_image_pixels: int) -> ImageEmbedding:
+                    max_image_pixels: int, cancel: Optional[EncodeCancel] = None) -> ImageEmbedding:
         prepared = prepare_image(image, min_pixels=min_pixels, max_pixels=max_pixels, max_image_pixels=max_image_pixels)
         width, height = prepared.size
         with call_scope():
-            encoded = self._h().encode(prepared.pixels, width, height)
+            encoded = self._h().encode(prepared.pixels, width, height, cancel=cancel)
         if stats is not None:
             stats.preprocess_ms += encoded.preprocess_ms
             stats.encode_ms += encoded.encode_ms

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import reference
 from conftest import ARCHS, GREEDY, PROMPT, random_image
-from tolerances import REBATCHED_LOGITS_MAX_ABS
+from tolerances import EMBED_REL_L2, REBATCHED_LOGITS_MAX_ABS
 
 from glm4v_mtmd import (
     ConfigError,
     ContextOverflowError,
     GenerationConfig,
+    GenerationError,
     ImageEmbedding,
     ImageError,
     Model,
@@ -23,6 +24,7 @@ from glm4v_mtmd import (
     SessionClosedError,
     Tokens,
 )
+from glm4v_mtmd._handles import EncodeCancel
 
 PROMPT_B = ["[gMASK]<sop><|user|>\n", random_image(56, 112, seed=9), "What is it?<|assistant|>\n"]
 GREEDY_48 = GenerationConfig(max_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -132,6 +134,20 @@ def test_a_cancel_stops_an_engine_run_call_and_leaves_the_other_context_alone(mo
     assert out_a.finish_reason == "cancelled"
     assert 0 < len(out_a.token_ids) < 400
     assert out_b.finish_reason == "length" and out_b.token_ids == alone.token_ids
+
+
+def test_a_cancelled_encode_stops_and_leaves_nothing_behind(model, reference_model):
+    """The server's per-request flag (EncodeCancel, set when the client leaves) stops an image encode at a
+    check point of the vision graph: set first, the encode stops at the first one. Nothing is cached, and
+    the same picture then encodes whole, as transformers does."""
+    img = random_image(280, 224, seed=21)
+    flag = EncodeCancel()
+    flag.set()
+    with pytest.raises(GenerationError, match="cancelled"):
+        model._encode(img, None, cancel=flag)
+    emb = model.encode_image(img).array
+    expected = reference.reference_image_features(reference_model("glm4v"), img, f16_conv=True)
+    assert np.linalg.norm(emb - expected) / np.linalg.norm(expected) <= EMBED_REL_L2
 
 
 def test_a_full_context_ends_an_engine_run_call_with_reason_context(pair):

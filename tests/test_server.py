@@ -286,6 +286,26 @@ def test_disconnect_stops_generation(server: Server) -> None:
     assert status == 200
 
 
+def test_disconnect_during_the_image_encode_stops_it(server: Server) -> None:
+    """A picture of ~6,000 tokens takes seconds to encode on the tiny model; the client leaves at once, and
+    the encode stops at its next check point (the engine's cancel flag, counted only when the vision graph
+    stopped part-way). The model encodes normally afterwards."""
+    gradient = np.linspace(0, 255, 2184, dtype=np.uint8)
+    pixels = np.stack([np.add.outer(gradient, gradient[::-1]) // 2, np.add.outer(gradient, gradient) // 2,
+                       np.tile(gradient, (2184, 1))], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")  # smooth: a small body
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    before = server.metric("image_encodes_cancelled_total")
+    sock = _raw_request(server, {"messages": [user("What is it?", url)], **LONG})
+    server.wait_metric("contexts_busy", 1)
+    sock.close()
+    server.wait_metric("image_encodes_cancelled_total", before + 1, timeout=20)
+    server.wait_metric("contexts_busy", 0)
+    status, reply, _ = server.post({"messages": [user("What is it?", png_url(seed=12))], "max_tokens": 2})
+    assert status == 200 and reply["usage"]["prompt_tokens"] > 6
+
+
 def _raw_request(srv: Server, body: dict[str, Any]) -> socket.socket:
     """A request sent on a raw socket, left unread (close the socket to disconnect)."""
     sock = socket.create_connection(("127.0.0.1", srv.port))

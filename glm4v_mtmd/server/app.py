@@ -87,6 +87,7 @@ class Metrics:
         "generations_cancelled_total": ("counter", "generations stopped because the client left"),
         "images_total": ("counter", "images in requests"),
         "image_encodes_total": ("counter", "images encoded (the others came from the embedding cache)"),
+        "image_encodes_cancelled_total": ("counter", "image encodes stopped part-way because the client left"),
         "queue_rejections_total": ("counter", "requests refused because the queue was full"),
     }
 
@@ -299,6 +300,7 @@ def create_app(state: ServerState, loader: Optional[Callable[[], Any]] = None) -
 
         def done() -> None:
             state.metrics.add("image_encodes_total", job.images_encoded)
+            state.metrics.add("image_encodes_cancelled_total", job.encodes_cancelled)
             if isinstance(job.error, RpcError) and state.lost is None:
                 state.lost = to_request_error(job.error).message
                 logger.error("the model is lost, every request now fails until a restart: %s", job.error)

@@ -3,7 +3,7 @@
 The worker encodes the request's images (through the model's embedding cache, one encode per
 picture however many requests send it at once), then streams the reply from its context. Events
 go to the loop through ``call_soon_threadsafe``; :meth:`Job.cancel` (a client gone) stops the
-generation at its next token or prompt batch.
+job's own image encode at its next vision layer, or the generation at its next token or prompt batch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Optional
 
 from .. import chat as _chat
+from .._handles import EncodeCancel
 from .._prompt import CallStats
 from ..chat import ChatChunk, OutputSplitter, ground_boxes
 from ..context import tokens_per_call
@@ -49,6 +50,8 @@ class Job:
         self.replay = replay
         self.stats = CallStats()
         self.images_encoded = 0
+        self.encodes_cancelled = 0
+        self.encode_cancel = EncodeCancel()  # stops this job's running encode (not one it waits for)
         self.cancelled = threading.Event()
         self.finish: Optional[str] = None
         self.error: Optional[BaseException] = None  # what ended the run, if it failed
@@ -66,6 +69,7 @@ class Job:
             if self._finished:
                 return
             self.cancelled.set()
+            self.encode_cancel.set()
             self.context.cancel()
 
     def _emit(self, kind: str, value: Any) -> None:
@@ -81,7 +85,11 @@ class Job:
                 for part in content:
                     if part["type"] == "image":
                         before = self.stats.encode_ms
-                        emb = self.model._encode(part["image"], self.stats)
+                        try:
+                            emb = self.model._encode(part["image"], self.stats, cancel=self.encode_cancel)
+                        except GenerationError:
+                            self.encodes_cancelled += self.encode_cancel.is_set()
+                            raise
                         self.images_encoded += self.stats.encode_ms > before
                         part = {"type": "image", "image": emb}
                     parts.append(part)
