@@ -228,7 +228,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         media = pathlib.Path(args.media_dir).resolve()
         if not media.is_dir():
             raise ConfigError(f"--media-dir {args.media_dir}: not a directory")
-    for name in ("parallel", "max_queue", "max_images", "max_body_mb", "max_image_mb"):
+    if args.max_connections is None:  # every running or waiting request holds one; room for the rest
+        args.max_connections = 2 * (args.parallel + args.max_queue) + 32
+    for name in ("parallel", "max_queue", "max_images", "max_body_mb", "max_image_mb", "max_connections"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_queue' else '>= 1'}")
     from .server.app import ServerOptions
@@ -236,7 +238,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         model_name=args.alias or pathlib.Path(args.model).name or args.model,
         api_keys=tuple(keys), cors_origins=tuple(args.cors_origin), max_queue=args.max_queue,
-        max_body_bytes=args.max_body_mb << 20,
+        max_connections=args.max_connections, max_body_bytes=args.max_body_mb << 20,
         limits=Limits(max_images=args.max_images, max_image_bytes=args.max_image_mb << 20,
                       max_image_pixels=args.max_image_pixels, media_dir=media),
         default_thinking=False if args.no_think else None,
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", default=[],
                        help="allow browser requests from this origin (repeatable; none by default)")
     serve.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a context (default 16)")
+    serve.add_argument("--max-connections", type=int,
+                       help="open connections at once; past it new requests get 503 "
+                            "(default 2 * (parallel + max-queue) + 32)")
     serve.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
     serve.add_argument("--max-image-mb", type=int, default=20, help="bytes per image, in MiB (default 20)")
     serve.add_argument("--max-image-pixels", type=int, default=50_000_000,

@@ -555,8 +555,8 @@ def test_serve_command(tiny_f16: Any, tmp_path: pathlib.Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "glm4v_mtmd", "serve", "-m", str(text), "--port", str(port),
-                             "--n-ctx", "1024", "--parallel", "2", "--no-ui"], stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path)
+                             "--n-ctx", "1024", "--parallel", "2", "--no-ui", "--max-connections", "4"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -575,6 +575,29 @@ def test_serve_command(tiny_f16: Any, tmp_path: pathlib.Path) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/")
         assert conn.getresponse().status == 404  # --no-ui: no chat page
+        conn.close()
+        client.close()
+
+        def health() -> int:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                c.request("GET", "/health")
+                return c.getresponse().status
+            finally:
+                c.close()
+
+        # --max-connections 4: four idle connections, and the next request is refused at once, not queued
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        deadline = time.monotonic() + 10
+        while health() != 503:
+            assert time.monotonic() < deadline, "the connection limit did not apply"
+            time.sleep(0.05)
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while health() != 200:
+            assert time.monotonic() < deadline, "the server did not recover once the idle connections left"
+            time.sleep(0.05)
     finally:
         proc.send_signal(2)
         _, err = proc.communicate(timeout=30)

@@ -65,7 +65,8 @@ def run(options: Any, loader: Callable[[], Any], *, host: str = "127.0.0.1", por
     state = ServerState(options)
     app = create_app(state, loader)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                            timeout_graceful_shutdown=5, lifespan="on", server_header=False)
+                            timeout_graceful_shutdown=5, lifespan="on", server_header=False,
+                            limit_concurrency=options.max_connections)
     server = uvicorn.Server(config)
     state.on_load_error = lambda: setattr(server, "should_exit", True)
     logging.getLogger("glm4v_mtmd.server").setLevel(logging.INFO)

@@ -59,6 +59,10 @@ class ServerOptions:
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     max_queue: int = 16
+    #: Open connections the server keeps at once (uvicorn's ``limit_concurrency``); past it, new
+    #: requests get 503 at once, so idle or slow connections cannot pile up. None: no limit (the
+    #: command line's default is ``2 * (parallel + max_queue) + 32``).
+    max_connections: Optional[int] = None
     max_body_bytes: int = 32 << 20
     limits: Limits = field(default_factory=Limits)
     default_thinking: Optional[bool] = None
