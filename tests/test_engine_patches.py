@@ -174,7 +174,7 @@ def test_amx_paths_match_the_other_kernels(outtype, hf_checkpoint, tmp_path):
         out = tmp_path / f"amx{amx}.npz"
         proc = subprocess.run([sys.executable, "-c", AMX_CHILD, str(model), str(mmproj), str(images), str(out), text],
                               env={**os.environ, "GGML_CPU_AMX_BF16": amx}, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, cwd=tmp_path)  # outside the source tree: the installed package
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[amx] = np.load(out)
     off, on = runs["0"], runs["1"]
