@@ -578,26 +578,25 @@ def test_serve_command(tiny_f16: Any, tmp_path: pathlib.Path) -> None:
         conn.close()
         client.close()
 
-        def health() -> int:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                c.request("GET", "/health")
-                return c.getresponse().status
-            finally:
-                c.close()
+        def wait_health(status: int, what: str) -> None:
+            deadline = time.monotonic() + 10
+            while True:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                try:
+                    c.request("GET", "/health")
+                    if c.getresponse().status == status:
+                        return
+                finally:
+                    c.close()
+                assert time.monotonic() < deadline, what
+                time.sleep(0.05)
 
         # --max-connections 4: four idle connections, and the next request is refused at once, not queued
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
-        deadline = time.monotonic() + 10
-        while health() != 503:
-            assert time.monotonic() < deadline, "the connection limit did not apply"
-            time.sleep(0.05)
+        wait_health(503, "the connection limit did not apply")
         for sock in idle:
             sock.close()
-        deadline = time.monotonic() + 10
-        while health() != 200:
-            assert time.monotonic() < deadline, "the server did not recover once the idle connections left"
-            time.sleep(0.05)
+        wait_health(200, "the server did not recover once the idle connections left")
     finally:
         proc.send_signal(2)
         _, err = proc.communicate(timeout=30)

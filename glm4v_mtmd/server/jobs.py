@@ -51,8 +51,9 @@ class Job:
         self.stats = CallStats()
         self.images_encoded = 0
         self.encodes_cancelled = 0
-        self.encode_cancel = EncodeCancel()  # stops this job's running encode (not one it waits for)
-        self.cancelled = threading.Event()
+        # Set when the client leaves; the engine reads it too, to stop this job's running encode (not one
+        # it waits for).
+        self.cancelled = EncodeCancel()
         self.finish: Optional[str] = None
         self.error: Optional[BaseException] = None  # what ended the run, if it failed
         self._lock = threading.Lock()
@@ -69,7 +70,6 @@ class Job:
             if self._finished:
                 return
             self.cancelled.set()
-            self.encode_cancel.set()
             self.context.cancel()
 
     def _emit(self, kind: str, value: Any) -> None:
@@ -86,9 +86,9 @@ class Job:
                     if part["type"] == "image":
                         before = self.stats.encode_ms
                         try:
-                            emb = self.model._encode(part["image"], self.stats, cancel=self.encode_cancel)
+                            emb = self.model._encode(part["image"], self.stats, cancel=self.cancelled)
                         except GenerationError:
-                            self.encodes_cancelled += self.encode_cancel.is_set()
+                            self.encodes_cancelled += self.cancelled.is_set()
                             raise
                         self.images_encoded += self.stats.encode_ms > before
                         part = {"type": "image", "image": emb}
