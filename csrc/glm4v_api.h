@@ -271,5 +271,15 @@ glm4v_status glm4v_gen_step(glm4v_ctx *c, int32_t max_steps,
                             char *text_out, int32_t text_cap, int32_t *text_len,
                             int32_t *tokens_out, int32_t tokens_cap, int32_t *n_tokens,
                             int32_t *finish, int32_t *stop_token);
+/* Decode ahead while the caller streams: call after glm4v_gen_begin, before the first
+ * glm4v_gen_step. With several sequences (the engine thread runs the steps), the engine keeps
+ * decoding this generation between glm4v_gen_step calls, up to `ahead` tokens (1..GLM4V_MAX_AHEAD)
+ * beyond those handed out, and each glm4v_gen_step returns as soon as it has one (up to
+ * max_steps): no step waits for the caller. With one sequence nothing runs between calls, and
+ * glm4v_gen_step returns after each emitted token. Meanwhile glm4v_n_cells and glm4v_next_pos
+ * describe the tokens handed out, and a generation closed early (glm4v_gen_end, or any call that
+ * starts another) drops the cells decoded for tokens never handed out. */
+#define GLM4V_MAX_AHEAD 256
+glm4v_status glm4v_gen_ahead(glm4v_ctx *c, int32_t ahead);
 /* End a generation early (a stream closed before its last chunk); a no-op when none is open. */
 void glm4v_gen_end(glm4v_ctx *c);

@@ -169,6 +169,8 @@ glm4v_status eval_parts(glm4v_ctx * c, const glm4v_part * parts, int32_t n_parts
 namespace glm4v_detail {
 
 void reset_generation(glm4v_ctx * c) {
+    end_ahead(c);
+    c->ahead_n = 0;
     if (c->smpl) {
         llama_sampler_free(c->smpl);
         c->smpl = nullptr;
@@ -366,8 +368,9 @@ double glm4v_image_encode_ms(const glm4v_image * img) { return img ? img->t_enco
 // KV cache and prompt evaluation
 // ---------------------------------------------------------------------------------------
 
-int32_t glm4v_n_cells(const glm4v_ctx * c) { return c ? (int32_t) c->cell_next.size() : 0; }
-int32_t glm4v_next_pos(const glm4v_ctx * c) { return c ? c->next_pos : 0; }
+// While a decode-ahead generation is open: the cells of the tokens handed out (the engine may hold more).
+int32_t glm4v_n_cells(const glm4v_ctx * c) { return !c ? 0 : c->ahead ? c->vis_cells : (int32_t) c->cell_next.size(); }
+int32_t glm4v_next_pos(const glm4v_ctx * c) { return !c ? 0 : c->ahead ? c->vis_next_pos : c->next_pos; }
 
 glm4v_status glm4v_kv_truncate(glm4v_ctx * c, int32_t n_cells) {
     if (!c) return GLM4V_ERR_INVALID_ARGUMENT;

@@ -16,8 +16,9 @@ namespace glm4v_detail {
 
 bool gen_wants_more(const glm4v_gen_call & g) {
     const glm4v_ctx * s = g.ctx;
-    return s->finish == GLM4V_FINISH_NONE && g.steps < g.max_steps && g.n_tokens < g.tokens_cap &&
-           (int32_t) s->pending_text.size() < g.text_cap / 2;
+    if (s->finish != GLM4V_FINISH_NONE) return false;
+    if (g.detached) return !g.abandon && (int32_t) g.ready.size() < g.ahead;  // sched.mu held
+    return g.steps < g.max_steps && g.n_tokens < g.tokens_cap && (int32_t) s->pending_text.size() < g.text_cap / 2;
 }
 
 bool gen_prepare_decode(glm4v_gen_call & g) {
@@ -69,7 +70,7 @@ glm4v_status gen_sample(glm4v_gen_call & g) {
     // Render special pieces: grounding markers (<|begin_of_box|>) are special tokens.
     char piece[256];
     const int32_t n = llama_token_to_piece(m->vocab, tok, piece, sizeof(piece), 0, true);
-    if (n > 0) s->pending_text.append(piece, (size_t) n);
+    if (n > 0) (g.detached ? g.stage_text : s->pending_text).append(piece, (size_t) n);
     g.tokens_out[g.n_tokens++] = tok;
     s->pending_token = tok;
     s->n_generated += 1;
@@ -166,7 +167,15 @@ glm4v_status glm4v_gen_step(glm4v_ctx * s, int32_t max_steps, char * text_out, i
         g.tokens_out = tokens_out;
         g.req.entries.resize(1);
         glm4v_status st = GLM4V_OK;
-        while (st == GLM4V_OK && gen_wants_more(g)) {
+        bool finished = false;  // s->finish is this thread's to read
+        if (s->ahead) {
+            // Decode-ahead: the engine runs the call between calls too; take what it has ready.
+            bool ended = false;
+            st = ahead_step(s, max_steps, tokens_out, tokens_cap, &g.n_tokens, &ended);
+            finished = ended && s->finish != GLM4V_FINISH_NONE;
+        }
+        while (!s->ahead && st == GLM4V_OK && gen_wants_more(g)) {
+            if (s->ahead_n > 0 && g.n_tokens > 0) break;  // streamed one sequence: each token as it comes
             if (s->cancel.load() || s->poll_interrupt(false)) {
                 s->finish = GLM4V_FINISH_CANCELLED;
                 break;
@@ -190,33 +199,68 @@ glm4v_status glm4v_gen_step(glm4v_ctx * s, int32_t max_steps, char * text_out, i
                 st = gen_sample(g);
             }
         }
+        if (!s->ahead) finished = s->finish != GLM4V_FINISH_NONE;
         *n_tokens = g.n_tokens;
-        *stop_token = g.stop_token;
+        *stop_token = s->ahead ? (finished ? s->ahead->stop_token : -1) : g.stop_token;
         if (st == GLM4V_ERR_CANCELLED) {
             drop_unrecorded(s);
             s->finish = GLM4V_FINISH_CANCELLED;
             s->last_error.clear();
+            finished = true;
         } else if (st != GLM4V_OK) {
+            end_ahead(s);
             drop_unrecorded(s);
             set_gen_active(s, false);
             return st;
         }
         // Hand out complete UTF-8 text; at the end, everything.
-        size_t n_out = s->finish != GLM4V_FINISH_NONE ? s->pending_text.size() : utf8_complete_prefix(s->pending_text);
+        size_t n_out = finished ? s->pending_text.size() : utf8_complete_prefix(s->pending_text);
         if (n_out > (size_t) text_cap) {
             n_out = utf8_complete_prefix(s->pending_text.substr(0, (size_t) text_cap));
         }
         memcpy(text_out, s->pending_text.data(), n_out);
         s->pending_text.erase(0, n_out);
         *text_len = (int32_t) n_out;
-        if (s->finish != GLM4V_FINISH_NONE && s->pending_text.empty()) {
+        if (finished && s->pending_text.empty()) {
             *finish = s->finish;
+            end_ahead(s);  // over and drained: nothing to drop
             set_gen_active(s, false);
             if (s->smpl) {
                 llama_sampler_free(s->smpl);
                 s->smpl = nullptr;
             }
         }
+        return GLM4V_OK;
+    }
+    GLM4V_GUARD(s)
+}
+
+glm4v_status glm4v_gen_ahead(glm4v_ctx * s, int32_t ahead) {
+    if (!s) return GLM4V_ERR_INVALID_ARGUMENT;
+    begin_api_call(s);
+    try {
+        glm4v_call_scope scope(s);
+        if (!s->gen_active) return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "no generation in progress: call gen_begin first");
+        if (ahead < 1 || ahead > GLM4V_MAX_AHEAD) {
+            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, fmt("ahead must be in 1..%d", GLM4V_MAX_AHEAD));
+        }
+        if (s->ahead_n > 0 || s->n_generated > 0 || s->pending_token >= 0) {
+            return fail(s, GLM4V_ERR_INVALID_ARGUMENT, "gen_ahead comes before the generation's first gen_step");
+        }
+        s->ahead_n = ahead;
+        if (!engine_running(s->m)) return GLM4V_OK;  // one sequence: gen_step streams token by token
+        auto g = std::make_unique<glm4v_gen_call>();
+        g->ctx = s;
+        g->detached = true;
+        g->ahead = ahead;
+        g->max_steps = INT32_MAX;
+        g->tokens_cap = 1;
+        g->tokens_out = &g->stage_token;
+        g->text_cap = INT32_MAX;
+        g->req.entries.resize(1);
+        s->vis_cells = (int32_t) s->cell_next.size();
+        s->vis_next_pos = s->next_pos;
+        s->ahead = std::move(g);  // inside the call: leave_call no longer counts s as generating outside
         return GLM4V_OK;
     }
     GLM4V_GUARD(s)

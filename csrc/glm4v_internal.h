@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -87,6 +88,19 @@ struct glm4v_request {
 // every such call, and the engine samples the next one and checks the stop conditions itself, so
 // contexts generating together advance in back-to-back steps (as llama-server's slots do in its
 // one loop) and their callers wake only when their call is complete.
+//
+// A decode-ahead call (glm4v_gen_ahead, `detached`) outlives the glm4v_gen_step that started it:
+// the engine hands each emitted token to `ready` (with the context's cells after its sampling)
+// and goes on decoding while the caller streams, until `ahead` tokens wait there, the generation
+// ends, or the caller abandons it. The caller takes tokens out of `ready` and hands the call
+// back to the engine whenever it stopped short of the end.
+struct glm4v_ahead_token {
+    int32_t token = -1;
+    std::string text;
+    int32_t cells = 0;        // the context's cells and next position once it was sampled
+    int32_t next_pos = 0;
+};
+
 struct glm4v_gen_call {
     glm4v_ctx * ctx = nullptr;
     int32_t max_steps = 0;    // tokens this call may sample
@@ -99,6 +113,16 @@ struct glm4v_gen_call {
     glm4v_request req;        // the decode of the pending token, for the next step
     bool done = false;        // the engine has finished the call (under sched.mu)
     glm4v_status status = GLM4V_OK;  // a failure of its step (recorded on ctx)
+
+    // Decode-ahead calls only. Under sched.mu: live, abandon, ready. The engine's own (while
+    // live): stage_token and stage_text, what gen_sample emits before it is handed to ready.
+    bool detached = false;
+    bool live = false;        // in sched.gens
+    bool abandon = false;     // the caller closes the generation: end the call at the next step
+    int32_t ahead = 0;        // tokens ready for the caller at most
+    int32_t stage_token = -1;
+    std::string stage_text;
+    std::deque<glm4v_ahead_token> ready;
 };
 
 // Shared engine steps (continuous batching, as llama-server's slots share llama_decode):
@@ -226,7 +250,13 @@ struct glm4v_ctx {
     int32_t pending_token = -1;  // sampled and emitted, not yet decoded
     std::string pending_text;    // bytes not yet returned (incomplete UTF-8 or no room)
     int32_t finish = GLM4V_FINISH_NONE;
-    bool gen_active = false;     // counted in sched.n_generating while outside a call
+    bool gen_active = false;     // counted in sched.n_generating while outside a call (not with `ahead`)
+    int32_t ahead_n = 0;         // glm4v_gen_ahead's depth for the open generation (0: none)
+    // The open generation's decode-ahead call (engine thread running), and the cells and next
+    // position that go with the tokens handed out so far (what glm4v_n_cells reports meanwhile).
+    std::unique_ptr<glm4v_gen_call> ahead;
+    int32_t vis_cells = 0;
+    int32_t vis_next_pos = 0;
 
     glm4v_timings timings{};
 
@@ -270,6 +300,14 @@ glm4v_status step_status(glm4v_ctx * c, const glm4v_request & req, const char * 
 // Hand g to the engine thread and wait until it is complete (the engine must be running).
 glm4v_status run_generation(glm4v_gen_call & g);
 bool engine_running(const glm4v_model * m);
+// Decode-ahead (c->ahead): hand the call to the engine if it stopped short of the end, wait until
+// a token is ready or the call has ended, and take up to max tokens: their ids to ids_out (the
+// first cap of them), their text onto c->pending_text. *ended: the call is over and every token
+// was taken (c->finish is then the caller's to read). Returns the call's failure, if any.
+glm4v_status ahead_step(glm4v_ctx * c, int32_t max, int32_t * ids_out, int32_t cap, int32_t * n_ids, bool * ended);
+// End c's decode-ahead call (abandoned if the engine still runs it) and drop the cells decoded
+// for tokens never handed out: the context is left as if it had generated no further.
+void end_ahead(glm4v_ctx * c);
 
 // glm4v_generate.cpp: the pieces of one generation call, shared by the caller's loop and the
 // engine thread's. gen_wants_more: the call may sample another token. gen_prepare_decode: put

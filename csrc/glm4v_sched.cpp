@@ -40,7 +40,9 @@ std::vector<glm4v_request *> take_step(glm4v_model * m, bool last_embd, std::vec
     size_t n = 0;
     std::vector<glm4v_request *> gens;
     for (glm4v_gen_call * g : m->sched.gens) {
-        if (g->ctx->cancel.load()) {
+        if (g->abandon) {
+            ended.push_back(g);
+        } else if (g->ctx->cancel.load()) {
             g->ctx->finish = GLM4V_FINISH_CANCELLED;
             ended.push_back(g);
         } else if (gen_prepare_decode(*g)) {
@@ -141,8 +143,18 @@ void end_gens(glm4v_scheduler & sc, const std::vector<glm4v_gen_call *> & ended)
     for (glm4v_gen_call * g : ended) {
         sc.gens.erase(std::remove(sc.gens.begin(), sc.gens.end(), g), sc.gens.end());
         g->done = true;
-        sc.n_working += 1;  // back in its caller's call (counted out in run_generation)
+        g->live = false;
+        if (!g->detached) sc.n_working += 1;  // back in its caller's call (counted out in run_generation)
     }
+}
+
+// A decode-ahead call's emitted token goes to its caller (sched.mu held).
+void publish(glm4v_gen_call & g) {
+    if (g.n_tokens == 0) return;
+    const glm4v_ctx * c = g.ctx;
+    g.ready.push_back({g.stage_token, std::move(g.stage_text), (int32_t) c->cell_next.size(), c->next_pos});
+    g.stage_text.clear();
+    g.n_tokens = 0;
 }
 
 // The engine thread: wait for work, wait briefly for contexts about to queue, take, run, publish.
@@ -199,7 +211,6 @@ void engine_loop(glm4v_model * m) {
         begin_api_call(nullptr);  // each request carries them (req.error)
         // The engine-run calls: account for the decode, sample the next token, check the stops
         // (their callers are waiting, so their contexts are this thread's until they are done).
-        ended.clear();
         for (glm4v_request * r : sc.step) {
             glm4v_gen_call * g = r->gen;
             if (!g) continue;
@@ -209,9 +220,15 @@ void engine_loop(glm4v_model * m) {
                 gen_decoded(*g, dt);
                 g->status = gen_sample(*g);
             }
-            if (g->status != GLM4V_OK || !gen_wants_more(*g)) ended.push_back(g);
         }
         lk.lock();
+        ended.clear();
+        for (glm4v_request * r : sc.step) {
+            glm4v_gen_call * g = r->gen;
+            if (!g) continue;
+            if (g->detached) publish(*g);
+            if (g->status != GLM4V_OK || !gen_wants_more(*g)) ended.push_back(g);
+        }
         sc.step_ms = 0.8 * sc.step_ms + 0.2 * dt;
         sc.n_steps += 1;
         sc.n_served += (int64_t) sc.step.size();
@@ -252,18 +269,19 @@ void wait_polling(std::unique_lock<std::mutex> & lk, glm4v_ctx * c, Done done) {
 
 namespace glm4v_detail {
 
+// A context with a decode-ahead call is not waited for: the engine itself decodes its next token.
 void enter_call(glm4v_ctx * c) {
     glm4v_scheduler & sc = c->m->sched;
     std::lock_guard<std::mutex> lk(sc.mu);
     sc.n_working += 1;
-    if (c->gen_active) sc.n_generating -= 1;
+    if (c->gen_active && !c->ahead) sc.n_generating -= 1;
 }
 
 void leave_call(glm4v_ctx * c) {
     glm4v_scheduler & sc = c->m->sched;
     std::lock_guard<std::mutex> lk(sc.mu);
     sc.n_working -= 1;
-    if (c->gen_active) sc.n_generating += 1;
+    if (c->gen_active && !c->ahead) sc.n_generating += 1;
     sc.cv.notify_all();
 }
 
@@ -350,6 +368,85 @@ glm4v_status run_generation(glm4v_gen_call & g) {
     sc.cv.notify_all();
     wait_polling(lk, c, [&] { return g.done; });  // a Ctrl-C sets cancel: the engine ends the call
     return g.status;
+}
+
+glm4v_status ahead_step(glm4v_ctx * c, int32_t max, int32_t * ids_out, int32_t cap, int32_t * n_ids, bool * ended) {
+    glm4v_gen_call & g = *c->ahead;
+    glm4v_scheduler & sc = c->m->sched;
+    std::unique_lock<std::mutex> lk(sc.mu);
+    // Not live: the engine leaves the call alone, so this thread may sample and end it.
+    auto hand_over = [&] {
+        if (g.live || g.status != GLM4V_OK || c->finish != GLM4V_FINISH_NONE || (int32_t) g.ready.size() >= g.ahead) {
+            return;
+        }
+        if (c->cancel.load()) {
+            c->finish = GLM4V_FINISH_CANCELLED;
+        } else if (sc.stop) {
+            g.status = fail(c, GLM4V_ERR_INTERNAL, "the model is closing");
+        } else {
+            g.live = true;
+            g.done = false;
+            sc.gens.push_back(&g);
+            sc.cv.notify_all();
+        }
+    };
+    if (!g.live && c->pending_token < 0 && c->finish == GLM4V_FINISH_NONE && g.status == GLM4V_OK) {
+        lk.unlock();
+        g.status = gen_sample(g);  // the prompt's logits: the first token needs no decode
+        lk.lock();
+        publish(g);
+    }
+    hand_over();
+    if (g.ready.empty() && g.live) {
+        sc.n_working -= 1;  // waiting on the engine, as in run_generation
+        sc.cv.notify_all();
+        wait_polling(lk, c, [&] { return !g.ready.empty() || !g.live; });
+        sc.n_working += 1;
+    }
+    int32_t n = 0;
+    while (n < max && !g.ready.empty()) {
+        glm4v_ahead_token & t = g.ready.front();
+        if (n < cap) ids_out[n] = t.token;
+        c->pending_text += t.text;
+        c->vis_cells = t.cells;
+        c->vis_next_pos = t.next_pos;
+        g.ready.pop_front();
+        ++n;
+    }
+    *n_ids = std::min(n, cap);
+    if (!g.live && g.ready.empty()) {
+        // Over (or stopped short, handed back below): the context's own state is the caller's again.
+        c->vis_cells = (int32_t) c->cell_next.size();
+        c->vis_next_pos = c->next_pos;
+    }
+    hand_over();  // the engine goes on while the caller hands these out
+    *ended = !g.live && g.ready.empty();
+    return g.live ? GLM4V_OK : g.status;
+}
+
+void end_ahead(glm4v_ctx * c) {
+    if (!c->ahead) return;
+    glm4v_gen_call & g = *c->ahead;
+    glm4v_scheduler & sc = c->m->sched;
+    {
+        std::unique_lock<std::mutex> lk(sc.mu);
+        if (g.live && std::find(sc.step.begin(), sc.step.end(), &g.req) == sc.step.end()) {
+            // Not in the running step (the engine may be busy with an encode for seconds): the
+            // engine touches the call again only in its next take_step, under this lock.
+            sc.gens.erase(std::find(sc.gens.begin(), sc.gens.end(), &g));
+            g.live = false;
+        }
+        if (g.live) {
+            g.abandon = true;
+            sc.n_working -= 1;
+            sc.cv.notify_all();
+            sc.cv.wait(lk, [&] { return !g.live; });  // the engine's next step ends it
+            sc.n_working += 1;
+        }
+    }
+    const int32_t keep = c->vis_cells;
+    c->ahead.reset();
+    if (keep < (int32_t) c->cell_next.size()) truncate_cells(c, keep);
 }
 
 void run_on_engine(glm4v_model * m, const std::function<void()> & fn) {

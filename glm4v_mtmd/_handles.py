@@ -295,6 +295,11 @@ class CtxHandle:
         stops = np.asarray(stop_ids, dtype=np.int32)
         check(lib.glm4v_gen_begin(h, sp, ffi.from_buffer("int32_t[]", stops), len(stops), max_tokens), h, "generate")
 
+    def gen_ahead(self, ahead: int) -> None:
+        """Let the engine decode up to ``ahead`` tokens beyond those handed out (glm4v_gen_ahead)."""
+        h = self.ptr()
+        check(lib.glm4v_gen_ahead(h, ahead), h, "generate")
+
     def gen_step(self, max_steps: int) -> tuple[bytes, list[int], int]:
         """Up to ``max_steps`` tokens: (UTF-8 text, ids, GLM4V_FINISH_* code)."""
         h = self.ptr()

@@ -458,7 +458,8 @@ def chat_stream(ctx: ChatBackend, messages: Sequence[Message], config: Optional[
     """Stream a reply as :class:`ChatChunk` s (see :meth:`Context.chat_stream`).
 
     ``tokens_per_step``: tokens generated per call into C, for callers that do not need each token
-    at once (the engine still checks ``cancel()`` before every token).
+    at once (the engine still checks ``cancel()`` before every token); 1 streams each token as soon as
+    it is ready, the engine decoding ahead of the reader meanwhile (see ``Context._chunks``).
     """
     model = ctx._chat_model()
     stats = CallStats()

@@ -48,6 +48,11 @@ def tokens_per_call(config: GenerationConfig) -> int:
     return 16 if config.stop else 64
 
 
+# Tokens a streamed generation may run ahead of its reader (the engine decodes on while the reader
+# handles a chunk, rather than every step waiting for it to come back).
+STREAM_AHEAD = 16
+
+
 def _check_in_vocabulary(ids: Sequence[int], n_vocab: int, what: str = "") -> None:
     bad = [t for t in ids if not 0 <= t < n_vocab]
     if bad:
@@ -256,7 +261,9 @@ class Context:
                 stats: Optional[CallStats] = None) -> Iterator[StreamChunk]:
         """The generation loop shared by :meth:`generate`, :meth:`stream` and chat; one call.
 
-        ``stats`` carries what the call did before (chat's image encodes).
+        ``stats`` carries what the call did before (chat's image encodes). ``tokens_per_step`` 1
+        streams: each call into C returns as soon as a token is ready, and with several contexts
+        the engine decodes up to :data:`STREAM_AHEAD` tokens ahead of the reader meanwhile.
         """
         config = config or GenerationConfig()
         if not isinstance(config, GenerationConfig):
@@ -266,6 +273,9 @@ class Context:
         with self._lock, call_scope():
             self._begin_call()
             n_prompt = self._gen_begin(parts, config, stats)
+            if tokens_per_step == 1:
+                self._ctx.gen_ahead(STREAM_AHEAD)
+                tokens_per_step = STREAM_AHEAD
             self._gen_owner = threading.get_ident()
         try:
             stops = StopStrings(config.stop)

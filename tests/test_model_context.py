@@ -4,6 +4,7 @@ per-call contracts (timings, embedding identity, cancel, finish reasons, Ctrl-C 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from glm4v_mtmd import (
     Tokens,
 )
 from glm4v_mtmd._handles import EncodeCancel
+from glm4v_mtmd.context import STREAM_AHEAD
 
 PROMPT_B = ["[gMASK]<sop><|user|>\n", random_image(56, 112, seed=9), "What is it?<|assistant|>\n"]
 GREEDY_48 = GenerationConfig(max_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -110,6 +112,98 @@ def test_steps_of_contexts_generating_together_follow_back_to_back(model):
     # contexts start a few tokens apart at most.
     assert served1 - served0 >= 2 * 47
     assert steps1 - steps0 <= 47 + 8, f"{served1 - served0} requests in {steps1 - steps0} steps"
+
+
+def _settled_steps(model, timeout=20.0):
+    """The engine's step count once it stopped moving for 0.3 s."""
+    deadline = time.monotonic() + timeout
+    last, since = model.engine_steps[0], time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = model.engine_steps[0]
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > 0.3:
+            return now
+    raise AssertionError("the engine never settled")
+
+
+def test_a_stream_decodes_ahead_of_its_reader_up_to_stream_ahead(model):
+    """With several contexts the engine goes on decoding a stream while its reader is away, and stops
+    STREAM_AHEAD tokens ahead; the reader's chunks and the context's cells are those of the tokens
+    handed out, and the whole stream equals the non-streamed answer."""
+    with model.context() as a:
+        alone = a.generate(PROMPT, GREEDY_48)
+        a.reset()
+        stream = a.stream(PROMPT, GREEDY_48)
+        first = next(stream)
+        assert len(first.token_ids) == 1
+        n_prompt = a.n_cells  # the first token is sampled from the prompt's logits: no decode yet
+        at_first = model.engine_steps[0]
+        settled = _settled_steps(model)
+        assert settled - at_first == STREAM_AHEAD, (at_first, settled)
+        assert a.n_cells == n_prompt  # the decoded-ahead cells are not the reader's yet
+        chunks = [first, *stream]
+    ids = tuple(t for c in chunks for t in c.token_ids)
+    assert ids == alone.token_ids
+    assert "".join(c.text for c in chunks) == alone.text
+    assert chunks[-1].finish_reason == "length"
+    assert max(len(c.token_ids) for c in chunks) > 1  # the tokens decoded meanwhile came together
+
+
+def test_a_stream_closed_early_leaves_only_the_cells_of_the_tokens_it_handed_out(model):
+    """Cells decoded ahead for tokens nobody read are dropped: a follow-up built on the tokens handed out
+    reuses them and gets the logits of a fresh context."""
+    with model.context() as a, model.context() as fresh:
+        n_prompt = len(a.evaluate(PROMPT).tokens)
+        a.reset()
+        stream = a.stream(PROMPT, GREEDY_48)
+        seen: list[int] = []
+        for chunk in stream:
+            seen.extend(chunk.token_ids)
+            if len(seen) >= 3:
+                break
+        _settled_steps(model)  # the engine ran ahead of the reader
+        stream.close()
+        assert a.n_cells == n_prompt + len(seen) - 1  # the last token handed out is not decoded yet
+        follow = PROMPT + [Tokens(seen), "More.<|user|>\nAnd?<|assistant|>\n"]
+        out = a.evaluate(follow)
+        assert out.reused == n_prompt + len(seen) - 1
+        ref = fresh.evaluate(follow)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logits, ref.logits, rtol=0, atol=REBATCHED_LOGITS_MAX_ABS)
+
+
+def test_closing_a_stream_does_not_wait_for_another_contexts_encode(model):
+    """A stream closed while the engine encodes another conversation's picture (seconds) returns at once:
+    its decode-ahead call waits in the engine's list, outside any step, and is simply taken out."""
+    long = GenerationConfig(max_tokens=400, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                            ignore_eos=True)
+    big = random_image(1120, 1120, seed=5)
+    with model.context() as a:
+        stream = a.stream(PROMPT, long)
+        next(stream)
+        _settled_steps(model)  # STREAM_AHEAD tokens wait: the call is out of the engine's list
+        encode = threading.Thread(target=model.encode_image, args=(big,))
+        encode.start()
+        time.sleep(0.5)  # the encode is under way (it takes seconds)
+        assert len(next(stream).token_ids) == STREAM_AHEAD  # ... and the call is back in the list
+        stream.close()
+        closed_while_encoding = encode.is_alive()
+        encode.join(120)
+        n_cells = a.n_cells
+        n_prompt = len(a.evaluate(PROMPT).tokens)
+    assert closed_while_encoding
+    assert n_cells == n_prompt + STREAM_AHEAD  # 1 + STREAM_AHEAD handed out, the last one not decoded
+
+
+def test_a_stream_on_one_sequence_hands_out_each_token_as_it_comes(pair):
+    """Without the engine thread nothing runs between calls: every chunk is one token."""
+    with Model(*pair, n_ctx=512, n_threads=2, kv_cache_type="f32", flash_attn=False) as one:
+        alone = one.context().generate(PROMPT, GREEDY)
+        chunks = list(one.context().stream(PROMPT, GREEDY))
+    assert [len(c.token_ids) for c in chunks] == [1] * len(alone.token_ids)
+    assert tuple(t for c in chunks for t in c.token_ids) == alone.token_ids
 
 
 def test_a_cancel_stops_an_engine_run_call_and_leaves_the_other_context_alone(model):
