@@ -274,8 +274,8 @@ glm4v_status glm4v_gen_step(glm4v_ctx *c, int32_t max_steps,
 /* Decode ahead while the caller streams: call after glm4v_gen_begin, before the first
  * glm4v_gen_step. With several sequences (the engine thread runs the steps), the engine keeps
  * decoding this generation between glm4v_gen_step calls, up to `ahead` tokens (1..GLM4V_MAX_AHEAD)
- * beyond those handed out, and each glm4v_gen_step returns as soon as it has one (up to
- * max_steps): no step waits for the caller. With one sequence nothing runs between calls, and
+ * beyond those handed out, and glm4v_gen_step returns what is ready (up to max_steps): the first
+ * token at once, later ones at most every 40 ms unless `ahead` are waiting. No step waits for the caller. With one sequence nothing runs between calls, and
  * glm4v_gen_step returns after each emitted token. Meanwhile glm4v_n_cells and glm4v_next_pos
  * describe the tokens handed out, and a generation closed early (glm4v_gen_end, or any call that
  * starts another) drops the cells decoded for tokens never handed out. */

@@ -123,7 +123,13 @@ struct glm4v_gen_call {
     int32_t stage_token = -1;
     std::string stage_text;
     std::deque<glm4v_ahead_token> ready;
+    double out_ms = 0.0;      // when the caller last took tokens (now_ms(); the caller's)
 };
+
+// A decode-ahead generation hands its tokens out at most this often (all that are ready each time):
+// 25 chunks a second read as a smooth stream, and the caller's per-chunk work (Python, a server's
+// event loop) no longer runs once per token on the cores the engine computes on.
+constexpr double GLM4V_AHEAD_CHUNK_MS = 40.0;
 
 // Shared engine steps (continuous batching, as llama-server's slots share llama_decode):
 // every context queues its request; the model's engine thread runs the next step, which

@@ -252,11 +252,13 @@ void engine_loop(glm4v_model * m) {
 }
 
 // Wait (sched.mu held through lk) until done() holds, asking c's interrupt poll every 20 ms
-// meanwhile (it sets c->cancel on Ctrl-C); done() runs under the lock.
+// meanwhile (it sets c->cancel on Ctrl-C); done() runs under the lock. due_ms (now_ms() clock, 0:
+// none): a time at which done() may turn true without a notification.
 template <typename Done>
-void wait_polling(std::unique_lock<std::mutex> & lk, glm4v_ctx * c, Done done) {
+void wait_polling(std::unique_lock<std::mutex> & lk, glm4v_ctx * c, Done done, double due_ms = 0.0) {
     while (!done()) {
-        c->m->sched.cv.wait_for(lk, std::chrono::milliseconds(20));
+        const double slice_ms = due_ms > 0.0 ? std::min(20.0, std::max(0.1, due_ms - now_ms())) : 20.0;
+        c->m->sched.cv.wait_for(lk, std::chrono::microseconds((int64_t) (slice_ms * 1000.0)));
         if (!done() && c->poll_fn) {
             lk.unlock();  // the poll runs Python code: never hold the scheduler's lock there
             c->poll_interrupt(true);
@@ -397,12 +399,19 @@ glm4v_status ahead_step(glm4v_ctx * c, int32_t max, int32_t * ids_out, int32_t c
         publish(g);
     }
     hand_over();
-    if (g.ready.empty() && g.live) {
+    // Every hand-out wakes the caller's Python (and a server's event loop), which takes the cores from
+    // the engine: tokens go out together, at most every GLM4V_AHEAD_CHUNK_MS (the first at once).
+    const double due_ms = g.out_ms + GLM4V_AHEAD_CHUNK_MS;
+    auto ready = [&] {
+        return !g.live || (int32_t) g.ready.size() >= g.ahead || (!g.ready.empty() && now_ms() >= due_ms);
+    };
+    if (!ready()) {
         sc.n_working -= 1;  // waiting on the engine, as in run_generation
         sc.cv.notify_all();
-        wait_polling(lk, c, [&] { return !g.ready.empty() || !g.live; });
+        wait_polling(lk, c, ready, due_ms);
         sc.n_working += 1;
     }
+    g.out_ms = now_ms();
     int32_t n = 0;
     while (n < max && !g.ready.empty()) {
         glm4v_ahead_token & t = g.ready.front();

@@ -262,8 +262,9 @@ class Context:
         """The generation loop shared by :meth:`generate`, :meth:`stream` and chat; one call.
 
         ``stats`` carries what the call did before (chat's image encodes). ``tokens_per_step`` 1
-        streams: each call into C returns as soon as a token is ready, and with several contexts
-        the engine decodes up to :data:`STREAM_AHEAD` tokens ahead of the reader meanwhile.
+        streams: with several contexts the engine decodes up to :data:`STREAM_AHEAD` tokens ahead of
+        the reader, and each call into C returns what is ready (at most every 40 ms; the first token at
+        once); with one, each call returns one token.
         """
         config = config or GenerationConfig()
         if not isinstance(config, GenerationConfig):

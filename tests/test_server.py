@@ -191,7 +191,8 @@ def test_two_streams_progress_together(server: Server) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert len(times[0]) > 100 and len(times[1]) > 100
+    # A chunk carries every token ready (at most one chunk per 40 ms): many chunks per stream all the same.
+    assert len(times[0]) > 10 and len(times[1]) > 10
     # Each stream had produced text before the other finished.
     assert times[0][2] < times[1][-1] and times[1][2] < times[0][-1]
 
