@@ -252,11 +252,12 @@ void engine_loop(glm4v_model * m) {
 }
 
 // Wait (sched.mu held through lk) until done() holds, asking c's interrupt poll every 20 ms
-// meanwhile (it sets c->cancel on Ctrl-C); done() runs under the lock. due_ms (now_ms() clock, 0:
-// none): a time at which done() may turn true without a notification.
-template <typename Done>
-void wait_polling(std::unique_lock<std::mutex> & lk, glm4v_ctx * c, Done done, double due_ms = 0.0) {
+// meanwhile (it sets c->cancel on Ctrl-C); done() and due() run under the lock. due() (now_ms()
+// clock, 0: none): a time at which done() turns true without a notification.
+template <typename Done, typename Due>
+void wait_polling(std::unique_lock<std::mutex> & lk, glm4v_ctx * c, Done done, Due due) {
     while (!done()) {
+        const double due_ms = due();
         const double slice_ms = due_ms > 0.0 ? std::min(20.0, std::max(0.1, due_ms - now_ms())) : 20.0;
         c->m->sched.cv.wait_for(lk, std::chrono::microseconds((int64_t) (slice_ms * 1000.0)));
         if (!done() && c->poll_fn) {
@@ -265,6 +266,11 @@ void wait_polling(std::unique_lock<std::mutex> & lk, glm4v_ctx * c, Done done, d
             lk.lock();
         }
     }
+}
+
+template <typename Done>
+void wait_polling(std::unique_lock<std::mutex> & lk, glm4v_ctx * c, Done done) {
+    wait_polling(lk, c, done, [] { return 0.0; });
 }
 
 }  // namespace
@@ -408,7 +414,8 @@ glm4v_status ahead_step(glm4v_ctx * c, int32_t max, int32_t * ids_out, int32_t c
     if (!ready()) {
         sc.n_working -= 1;  // waiting on the engine, as in run_generation
         sc.cv.notify_all();
-        wait_polling(lk, c, ready, due_ms);
+        // Woken by the engine's steps; a timed wake only for tokens that wait for due_ms.
+        wait_polling(lk, c, ready, [&] { return g.ready.empty() ? 0.0 : due_ms; });
         sc.n_working += 1;
     }
     g.out_ms = now_ms();
