@@ -8,8 +8,8 @@ processor's ``pixel_values_videos`` from ``glm4v_mtmd.preprocess_video`` (bit-ex
 tests/test_video.py) untimed, so its time to first token is ``get_video_features`` + prefill only, while
 the package's includes its preprocessing. Writes ``results/<date>-<host>-<cpu>-video[-quick].json``.
 
-    python bench/video.py --quick   # 4 s of 854x480 at 30 fps: 4 pairs of 510 tokens, ~5 min
-    python bench/video.py           # 10 s of 1280x720 at 30 fps: 10 pairs of 1196 tokens, ~40 min
+    python bench/video.py --quick   # 4 s of 854x480 at 30 fps: 5 pairs of 510 tokens, ~4-8 min
+    python bench/video.py           # 10 s of 1280x720 at 30 fps: 10 pairs of 1196 tokens, ~60 min
 
 Model: ``make_model.py --preset quick`` (the real GLM-4.1V vision tower, a small text model) at the precision
 ``glm4v_mtmd.preferred_float_type()`` picks for this CPU (BF16 with AVX512_BF16, else F16); the processor
@@ -62,13 +62,13 @@ def main() -> None:
     files = build("quick", args.scratch / "models", [precision])
     model, mmproj = files[precision]
     clip = {"width": plan.width, "height": plan.height, "seconds": plan.seconds, "source_fps": SOURCE_FPS}
-    # transformers' dtype: the faster on a 2-second 240p clip
+    # transformers' dtype: the faster on this very clip, one cold run each. A small clip is not enough: it
+    # weighs the dtypes' first-call costs, which the real clip amortises (first_image.py saw float32 picked
+    # on AMX from a small image although bfloat16 encodes the real one 3.5x faster).
     probes = []
     for dtype in HF_DTYPES:
         probes.append(run_worker("video_transformers", {"hf_dir": files["hf_dir"][0], "dtype": dtype,
-                                                        "n_threads": args.threads, "variant": "glm4v",
-                                                        "width": 426, "height": 240, "seconds": 2.0,
-                                                        "source_fps": SOURCE_FPS}))
+                                                        "n_threads": args.threads, "variant": "glm4v", **clip}))
         print(f"  transformers {dtype} probe: {probes[-1]['ttft_ms']:.0f} ms", file=sys.stderr)
     hf_dtype = min(probes, key=lambda p: p["ttft_ms"])["dtype"]
     runs: dict[str, list[dict]] = {"package": [], "transformers": []}
