@@ -1,9 +1,10 @@
 """``glm4v-mtmd serve`` under load, against llama.cpp's ``llama-server`` on the same model and engine.
 
-Both servers run as real processes on loopback, one after the other, with the same model (the
-bench's quick F16 pair), threads, parallel slots and flash attention; the clients are threads
-streaming ``/v1/chat/completions`` over raw HTTP (SSE), greedy, EOS ignored, a fixed number of
-tokens each. Measured per server:
+Both servers run as real processes on loopback, up at the same time and measured in turn (each
+measurement on one, then on the other, the order alternating), with the same model (the bench's
+quick F16 pair), threads, parallel slots and flash attention; the clients are threads streaming
+``/v1/chat/completions`` over raw HTTP (SSE), greedy, EOS ignored, a fixed number of tokens each.
+Measured per server:
 
 - 1, 2, 4 and 8 clients at once, each conversation with its own picture (never seen before by
   the server): aggregate tok/s (all completion tokens / the wall time of the round, image encodes
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,36 +176,38 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
 
 
-def measure(server: ServerProcess, args: argparse.Namespace, seed0: int) -> dict[str, Any]:
-    """One round of every measurement on one server; pictures from ``seed0`` on are new to it."""
-    out: dict[str, Any] = {}
-    seed = seed0
+def measurements(args: argparse.Namespace) -> list[tuple[str, Callable[[ServerProcess, int], dict[str, Any]]]]:
+    """A round's measurements, each ``(key, run(server, seed))``; a run's pictures (seeds ``seed`` to
+    ``seed + 19``) are new to the server."""
     size = (args.width, args.height)
-    server.ask([question(picture(seed, size), "Warm up.")], 8)
-    seed += 1
-    for n in COUNTS:
-        convs = [[question(picture(seed + i, size), f"Describe picture {i}.")] for i in range(n)]
-        seed += n
-        wall, replies = together(server, convs, args.tokens)
+
+    def clients(n: int) -> Callable[[ServerProcess, int], dict[str, Any]]:
+        def run(server: ServerProcess, seed: int) -> dict[str, Any]:
+            convs = [[question(picture(seed + i, size), f"Describe picture {i}.")] for i in range(n)]
+            wall, replies = together(server, convs, args.tokens)
+            ttfts = [r.ttft for r in replies]
+            # Decode phase: from the first streamed text of any client to the end of the last reply.
+            decode_s = max(r.sent + r.total for r in replies) - min(r.sent + r.ttft for r in replies)
+            tokens = sum(r.tokens for r in replies)
+            return {"tok_s": tokens / wall, "decode_tok_s": tokens / decode_s, "ttft_p50": statistics.median(ttfts),
+                    "ttft_p95": p95(ttfts), "tokens": [r.tokens for r in replies]}
+        return run
+
+    def shared(server: ServerProcess, seed: int) -> dict[str, Any]:
+        url = picture(seed, size)
+        wall, replies = together(server, [[question(url, f"Question {i} about it.")] for i in range(4)], args.tokens)
         ttfts = [r.ttft for r in replies]
-        # Decode phase: from the first streamed text of any client to the end of the last reply.
-        decode_s = max(r.sent + r.total for r in replies) - min(r.sent + r.ttft for r in replies)
-        tokens = sum(r.tokens for r in replies)
-        out[f"clients_{n}"] = {"tok_s": tokens / wall, "decode_tok_s": tokens / decode_s,
-                               "ttft_p50": statistics.median(ttfts), "ttft_p95": p95(ttfts),
-                               "tokens": [r.tokens for r in replies]}
-    shared = picture(seed, size)
-    seed += 1
-    wall, replies = together(server, [[question(shared, f"Question {i} about it.")] for i in range(4)], args.tokens)
-    ttfts = [r.ttft for r in replies]
-    out["shared_4"] = {"ttft_p95": p95(ttfts), "ttft_p50": statistics.median(ttfts),
-                       "tok_s": sum(r.tokens for r in replies) / wall}
-    first_q = [question(picture(seed, size), "What is in this picture?")]
-    first = server.ask(first_q, args.tokens)
-    follow = server.ask([*first_q, {"role": "assistant", "content": first.text},
-                         {"role": "user", "content": "And what colour is it?"}], args.tokens)
-    out["follow_up"] = {"first_ttft": first.ttft, "follow_ttft": follow.ttft}
-    return out
+        return {"ttft_p95": p95(ttfts), "ttft_p50": statistics.median(ttfts),
+                "tok_s": sum(r.tokens for r in replies) / wall}
+
+    def follow_up(server: ServerProcess, seed: int) -> dict[str, Any]:
+        first_q = [question(picture(seed, size), "What is in this picture?")]
+        first = server.ask(first_q, args.tokens)
+        follow = server.ask([*first_q, {"role": "assistant", "content": first.text},
+                             {"role": "user", "content": "And what colour is it?"}], args.tokens)
+        return {"first_ttft": first.ttft, "follow_ttft": follow.ttft}
+
+    return [*((f"clients_{n}", clients(n)) for n in COUNTS), ("shared_4", shared), ("follow_up", follow_up)]
 
 
 def main() -> None:
@@ -252,21 +256,32 @@ def main() -> None:
     except ImportError:
         print("llama-cpp-python is not installed: its server is not measured", file=sys.stderr)
 
+    # Every server is up at once (idle ones wait on their sockets) and each measurement runs on one
+    # after the other, in an order that alternates: a drift of the machine's speed, which on a shared VM
+    # reaches several per cent within minutes, then falls on both sides of a pair rather than on one.
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    servers: dict[str, ServerProcess] = {}
     seed = 1000
-    for rnd in range(args.rounds):
-        names = list(sides) if rnd % 2 == 0 else list(reversed(sides))
-        for name in names:
-            server = sides[name]()
-            try:
-                runs[name].append(measure(server, args, seed))
-            finally:
-                server.stop()
-            seed += 100
-            last = runs[name][-1]
-            print(f"round {rnd + 1}, {name}: " + ", ".join(f"{n}: {last[f'clients_{n}']['tok_s']:.1f} tok/s"
-                                                            for n in COUNTS)
-                  + f"; shared-4 TTFT p95 {last['shared_4']['ttft_p95']:.2f} s", file=sys.stderr)
+    try:
+        for name, start in sides.items():
+            servers[name] = start()
+            servers[name].ask([question(picture(seed, (args.width, args.height)), "Warm up.")], 8)
+        seed += 1
+        for rnd in range(args.rounds):
+            record: dict[str, dict[str, Any]] = {name: {} for name in servers}
+            for i, (key, run) in enumerate(measurements(args)):
+                names = list(servers) if (rnd + i) % 2 == 0 else list(reversed(servers))
+                for name in names:
+                    record[name][key] = run(servers[name], seed)  # the same pictures, new to each server
+                seed += 20
+            for name in servers:
+                runs[name].append(record[name])
+                print(f"round {rnd + 1}, {name}: " + ", ".join(f"{n}: {record[name][f'clients_{n}']['tok_s']:.1f} "
+                                                                f"tok/s" for n in COUNTS)
+                      + f"; shared-4 TTFT p95 {record[name]['shared_4']['ttft_p95']:.2f} s", file=sys.stderr)
+    finally:
+        for server in servers.values():
+            server.stop()
 
     def series(name: str, *keys: str) -> list[float]:
         out = []
