@@ -267,9 +267,10 @@ def main() -> None:
             servers[name] = start()
             servers[name].ask([question(picture(seed, (args.width, args.height)), "Warm up.")], 8)
         seed += 1
+        steps = measurements(args)
         for rnd in range(args.rounds):
             record: dict[str, dict[str, Any]] = {name: {} for name in servers}
-            for i, (key, run) in enumerate(measurements(args)):
+            for i, (key, run) in enumerate(steps):
                 names = list(servers) if (rnd + i) % 2 == 0 else list(reversed(servers))
                 for name in names:
                     record[name][key] = run(servers[name], seed)  # the same pictures, new to each server

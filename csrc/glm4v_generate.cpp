@@ -173,35 +173,37 @@ glm4v_status glm4v_gen_step(glm4v_ctx * s, int32_t max_steps, char * text_out, i
             bool ended = false;
             st = ahead_step(s, max_steps, tokens_out, tokens_cap, &g.n_tokens, &ended);
             finished = ended && s->finish != GLM4V_FINISH_NONE;
+            if (finished) g.stop_token = s->ahead->stop_token;
+        } else {
+            while (st == GLM4V_OK && gen_wants_more(g)) {
+                if (s->ahead_n > 0 && g.n_tokens > 0) break;  // streamed one sequence: each token as it comes
+                if (s->cancel.load() || s->poll_interrupt(false)) {
+                    s->finish = GLM4V_FINISH_CANCELLED;
+                    break;
+                }
+                if (s->pending_token < 0) {
+                    st = gen_sample(g);  // the prompt's logits: no decode first
+                    continue;
+                }
+                if (engine_running(m)) {
+                    // Shared steps: the engine thread runs the rest of this call.
+                    st = run_generation(g);
+                    break;
+                }
+                // One sequence: decode the token emitted by the previous step (the cache holds
+                // everything but the last emitted token), then sample, on this thread.
+                if (!gen_prepare_decode(g)) break;
+                const double t0 = now_ms();
+                st = run_step(s, g.req, "decoding");
+                if (st == GLM4V_OK) {
+                    gen_decoded(g, now_ms() - t0);
+                    st = gen_sample(g);
+                }
+            }
+            finished = s->finish != GLM4V_FINISH_NONE;
         }
-        while (!s->ahead && st == GLM4V_OK && gen_wants_more(g)) {
-            if (s->ahead_n > 0 && g.n_tokens > 0) break;  // streamed one sequence: each token as it comes
-            if (s->cancel.load() || s->poll_interrupt(false)) {
-                s->finish = GLM4V_FINISH_CANCELLED;
-                break;
-            }
-            if (s->pending_token < 0) {
-                st = gen_sample(g);  // the prompt's logits: no decode first
-                continue;
-            }
-            if (engine_running(m)) {
-                // Shared steps: the engine thread runs the rest of this call.
-                st = run_generation(g);
-                break;
-            }
-            // One sequence: decode the token emitted by the previous step (the cache holds
-            // everything but the last emitted token), then sample, on this thread.
-            if (!gen_prepare_decode(g)) break;
-            const double t0 = now_ms();
-            st = run_step(s, g.req, "decoding");
-            if (st == GLM4V_OK) {
-                gen_decoded(g, now_ms() - t0);
-                st = gen_sample(g);
-            }
-        }
-        if (!s->ahead) finished = s->finish != GLM4V_FINISH_NONE;
         *n_tokens = g.n_tokens;
-        *stop_token = s->ahead ? (finished ? s->ahead->stop_token : -1) : g.stop_token;
+        *stop_token = g.stop_token;
         if (st == GLM4V_ERR_CANCELLED) {
             drop_unrecorded(s);
             s->finish = GLM4V_FINISH_CANCELLED;
@@ -252,6 +254,7 @@ glm4v_status glm4v_gen_ahead(glm4v_ctx * s, int32_t ahead) {
         auto g = std::make_unique<glm4v_gen_call>();
         g->ctx = s;
         g->detached = true;
+        g->done = true;  // not handed to the engine yet
         g->ahead = ahead;
         g->max_steps = INT32_MAX;
         g->tokens_cap = 1;

@@ -111,13 +111,12 @@ struct glm4v_gen_call {
     int32_t steps = 0;        // tokens sampled
     int32_t stop_token = -1;
     glm4v_request req;        // the decode of the pending token, for the next step
-    bool done = false;        // the engine has finished the call (under sched.mu)
+    bool done = false;        // not in the engine's list: finished, or (decode-ahead) not handed over (sched.mu)
     glm4v_status status = GLM4V_OK;  // a failure of its step (recorded on ctx)
 
-    // Decode-ahead calls only. Under sched.mu: live, abandon, ready. The engine's own (while
-    // live): stage_token and stage_text, what gen_sample emits before it is handed to ready.
+    // Decode-ahead calls only. Under sched.mu: abandon, ready. The engine's own (while not done):
+    // stage_token and stage_text, what gen_sample emits before it is handed to ready.
     bool detached = false;
-    bool live = false;        // in sched.gens
     bool abandon = false;     // the caller closes the generation: end the call at the next step
     int32_t ahead = 0;        // tokens ready for the caller at most
     int32_t stage_token = -1;

@@ -143,7 +143,6 @@ void end_gens(glm4v_scheduler & sc, const std::vector<glm4v_gen_call *> & ended)
     for (glm4v_gen_call * g : ended) {
         sc.gens.erase(std::remove(sc.gens.begin(), sc.gens.end(), g), sc.gens.end());
         g->done = true;
-        g->live = false;
         if (!g->detached) sc.n_working += 1;  // back in its caller's call (counted out in run_generation)
     }
 }
@@ -382,9 +381,9 @@ glm4v_status ahead_step(glm4v_ctx * c, int32_t max, int32_t * ids_out, int32_t c
     glm4v_gen_call & g = *c->ahead;
     glm4v_scheduler & sc = c->m->sched;
     std::unique_lock<std::mutex> lk(sc.mu);
-    // Not live: the engine leaves the call alone, so this thread may sample and end it.
+    // Done (not in the engine's list): the engine leaves the call alone, so this thread may sample and end it.
     auto hand_over = [&] {
-        if (g.live || g.status != GLM4V_OK || c->finish != GLM4V_FINISH_NONE || (int32_t) g.ready.size() >= g.ahead) {
+        if (!g.done || g.status != GLM4V_OK || c->finish != GLM4V_FINISH_NONE || (int32_t) g.ready.size() >= g.ahead) {
             return;
         }
         if (c->cancel.load()) {
@@ -392,13 +391,12 @@ glm4v_status ahead_step(glm4v_ctx * c, int32_t max, int32_t * ids_out, int32_t c
         } else if (sc.stop) {
             g.status = fail(c, GLM4V_ERR_INTERNAL, "the model is closing");
         } else {
-            g.live = true;
             g.done = false;
             sc.gens.push_back(&g);
             sc.cv.notify_all();
         }
     };
-    if (!g.live && c->pending_token < 0 && c->finish == GLM4V_FINISH_NONE && g.status == GLM4V_OK) {
+    if (g.done && c->pending_token < 0 && c->finish == GLM4V_FINISH_NONE && g.status == GLM4V_OK) {
         lk.unlock();
         g.status = gen_sample(g);  // the prompt's logits: the first token needs no decode
         lk.lock();
@@ -409,7 +407,7 @@ glm4v_status ahead_step(glm4v_ctx * c, int32_t max, int32_t * ids_out, int32_t c
     // the engine: tokens go out together, at most every GLM4V_AHEAD_CHUNK_MS (the first at once).
     const double due_ms = g.out_ms + GLM4V_AHEAD_CHUNK_MS;
     auto ready = [&] {
-        return !g.live || (int32_t) g.ready.size() >= g.ahead || (!g.ready.empty() && now_ms() >= due_ms);
+        return g.done || (int32_t) g.ready.size() >= g.ahead || (!g.ready.empty() && now_ms() >= due_ms);
     };
     if (!ready()) {
         sc.n_working -= 1;  // waiting on the engine, as in run_generation
@@ -430,14 +428,14 @@ glm4v_status ahead_step(glm4v_ctx * c, int32_t max, int32_t * ids_out, int32_t c
         ++n;
     }
     *n_ids = std::min(n, cap);
-    if (!g.live && g.ready.empty()) {
+    if (g.done && g.ready.empty()) {
         // Over (or stopped short, handed back below): the context's own state is the caller's again.
         c->vis_cells = (int32_t) c->cell_next.size();
         c->vis_next_pos = c->next_pos;
     }
     hand_over();  // the engine goes on while the caller hands these out
-    *ended = !g.live && g.ready.empty();
-    return g.live ? GLM4V_OK : g.status;
+    *ended = g.done && g.ready.empty();
+    return g.done ? g.status : GLM4V_OK;
 }
 
 void end_ahead(glm4v_ctx * c) {
@@ -446,17 +444,17 @@ void end_ahead(glm4v_ctx * c) {
     glm4v_scheduler & sc = c->m->sched;
     {
         std::unique_lock<std::mutex> lk(sc.mu);
-        if (g.live && std::find(sc.step.begin(), sc.step.end(), &g.req) == sc.step.end()) {
+        if (!g.done && std::find(sc.step.begin(), sc.step.end(), &g.req) == sc.step.end()) {
             // Not in the running step (the engine may be busy with an encode for seconds): the
             // engine touches the call again only in its next take_step, under this lock.
             sc.gens.erase(std::find(sc.gens.begin(), sc.gens.end(), &g));
-            g.live = false;
+            g.done = true;
         }
-        if (g.live) {
+        if (!g.done) {
             g.abandon = true;
             sc.n_working -= 1;
             sc.cv.notify_all();
-            sc.cv.wait(lk, [&] { return !g.live; });  // the engine's next step ends it
+            sc.cv.wait(lk, [&] { return g.done; });  // the engine's next step ends it
             sc.n_working += 1;
         }
     }
