@@ -214,7 +214,8 @@
       this.root.dataset.deltas = String(this.deltas);
       if (!this._scheduled) {
         this._scheduled = true;
-        requestAnimationFrame(() => { this._scheduled = false; this.render(); });
+        // A frame still pending when the answer finishes finds nothing to do: finish() rendered it whole.
+        requestAnimationFrame(() => { if (this._scheduled) { this._scheduled = false; this.render(); } });
       }
     }
 
@@ -332,6 +333,7 @@
     }
 
     finish(how, { usage, timings, finish, ttft, error }) {
+      this._scheduled = false;
       this.render();
       this.root.dataset.state = how;
       if (how === "error") this.ending.after(el("p", { class: "error", role: "alert" }, error));
