@@ -49,6 +49,11 @@ if os.environ.get("GLM4V_MTMD_TEST_N_GPU_LAYERS"):
 ARCHS = tiny_models.MODEL_KINDS
 
 
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """Relative L2 error of ``a`` against ``b``."""
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A reproducible HxWx3 uint8 image with some structure (so features are not plain noise)."""
     rng = np.random.default_rng(seed)

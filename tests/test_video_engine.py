@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import reference
 import tolerances
-from conftest import ARCHS, random_image
+from conftest import ARCHS, random_image, rel_l2
 
 from glm4v_mtmd import Model
 from glm4v_mtmd.video import patchify_video
@@ -24,8 +24,6 @@ def model_for(exact_session: Callable[..., Any]) -> Callable[[str], Model]:
     return lambda arch: exact_session(arch).model
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -35,7 +33,7 @@ def test_frame_pairs_match_get_video_features(arch, model_for, reference_model):
     for k in range(2):
         emb = model._encode_pair(CLIP[2 * k: 2 * k + 2])
         assert emb.grid == (2, 4) and emb.array.shape == expected[k].shape
-        rel = _rel(emb.array, expected[k])
+        rel = rel_l2(emb.array, expected[k])
         assert rel <= tolerances.EMBED_REL_L2, f"pair {k}: relative L2 error {rel:.2e}"
 
 
@@ -45,7 +43,7 @@ def test_swapped_frames_do_not_match(arch, model_for, reference_model):
     model = model_for(arch)
     expected = reference.reference_video_features(reference_model(arch), patchify_video(CLIP[:2]), (1, 4, 8))[0]
     swapped = model._encode_pair(CLIP[[1, 0]])
-    assert _rel(swapped.array, expected) > 100 * tolerances.EMBED_REL_L2
+    assert rel_l2(swapped.array, expected) > 100 * tolerances.EMBED_REL_L2
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -70,7 +68,7 @@ def test_pairs_below_the_image_minimum_are_not_resized(arch, height, width, mode
     expected = reference.reference_video_features(reference_model(arch), patchify_video(clip), grid)[0]
     emb = model_for(arch)._encode_pair(clip)
     assert emb.grid == (height // 28, width // 28) and emb.n_tokens == (height // 28) * (width // 28) < 8
-    rel = _rel(emb.array, expected)
+    rel = rel_l2(emb.array, expected)
     assert rel <= tolerances.EMBED_REL_L2, f"relative L2 error {rel:.2e}"
 
 
