@@ -160,7 +160,7 @@ np.savez(out, small=embs[0], batch=embs[1], logits=logits)
 @pytest.mark.parametrize("outtype", ["f32", "bf16"])
 def test_amx_paths_match_the_other_kernels(outtype, hf_checkpoint, tmp_path):
     """0010 (flash attention, F32 weights: the attention is the only AMX op) against the same build with AMX
-    off; 0009-0013 (BF16 weights: BF16 K/V, one BF16 product per attention block) and the
+    off; 0009-0014 (BF16 weights: BF16 K/V, one BF16 product per attention block) and the
     same build without AMX each against transformers float32. Head size 32 in both towers (the tiny models'
     16 keeps the F32 kernel); a 10 x 10-patch image (a 64-row query tile and a 36-row tail, a 36-key KV
     tail), a 320-patch one, and a prompt of more than 64 tokens (the text model's tiled attention, 2 KV heads

@@ -46,7 +46,7 @@ def margin_needed(logits_tolerance: float) -> float:
     """Smallest top-1 margin at which the argmax is decided beyond numerical error."""
     return 2.0 * logits_tolerance
 
-# AMX paths (engine patches 0009-0013) against the same build's other kernels (GGML_CPU_AMX_BF16=0), on a tiny
+# AMX paths (engine patches 0009-0014) against the same build's other kernels (GGML_CPU_AMX_BF16=0), on a tiny
 # model with head size 32 and flash attention on. F32 weights: only the attention differs; its operands are split
 # into BF16 pairs (16 significant bits, F16 K/V exact), ~1e-5 relative per score of |q||k|, which the tiny model's
 # large random scores (std-0.2 weights) turn into 1.9e-4 .. 2.1e-4 in embeddings and 2.1e-3 .. 2.4e-3 in logits
