@@ -148,15 +148,22 @@ def measure(plan: Plan, files: dict[str, list[str]], image: str, threads: int, h
     return runs
 
 
-def ratios(runs: dict[str, list[dict]], chosen: str, hf_dtype: str) -> list[Ratio]:
-    """The issue's targets against transformers' fastest dtype, and the precision comparison."""
+def time_target(features: list[str]) -> str:
+    """Issue #22's bound on the encode and prefill ratios for the engine's CPU class: 0.75 where the CPU has
+    AVX512_BF16 (the median, so that a slower machine of the class still lands within 0.8), else 0.8."""
+    return "<= 0.75" if "AVX512_BF16" in features else "<= 0.8"
+
+
+def ratios(runs: dict[str, list[dict]], chosen: str, hf_dtype: str, target: str) -> list[Ratio]:
+    """The issue's targets against transformers' fastest dtype (``target`` on encode and prefill), and the
+    precision comparison."""
     pkg, hf, other = runs["package"], runs["transformers"], runs["package_other"]
     name = f"package {chosen.upper()} / transformers {hf_dtype}"
     other_name = "bf16" if chosen == "f16" else "f16"
     return [
         ratio(f"image encode ms, cold (first picture of the process), {name}", col(pkg, "encode_ms"),
-              col(hf, "encode_ms"), "<= 0.8"),
-        ratio(f"prefill ms (image + text tokens), {name}", col(pkg, "prefill_ms"), col(hf, "prefill_ms"), "<= 0.8"),
+              col(hf, "encode_ms"), target),
+        ratio(f"prefill ms (image + text tokens), {name}", col(pkg, "prefill_ms"), col(hf, "prefill_ms"), target),
         ratio(f"decode tok/s, {name}", col(pkg, "decode_tok_s"), col(hf, "decode_tok_s"), ">= 2",
               higher_is_better=True),
         ratio(f"image encode ms, package {other_name.upper()} / {chosen.upper()}", col(other, "encode_ms"),
@@ -164,9 +171,9 @@ def ratios(runs: dict[str, list[dict]], chosen: str, hf_dtype: str) -> list[Rati
         ratio(f"prefill ms, package {other_name.upper()} / {chosen.upper()}", col(other, "prefill_ms"),
               col(pkg, "prefill_ms")),
         ratio(f"image encode ms, warm (second picture), {name}", col(pkg, "second_encode_ms"),
-              col(hf, "second_encode_ms"), "<= 0.8"),
+              col(hf, "second_encode_ms"), target),
         ratio(f"prefill ms, warm (second picture), {name}", col(pkg, "second_prefill_ms"),
-              col(hf, "second_prefill_ms"), "<= 0.8"),
+              col(hf, "second_prefill_ms"), target),
     ]
 
 
@@ -225,7 +232,7 @@ def main() -> None:
     hf_dtype, probes = probe_transformers(files["hf_dir"][0], image, args.threads, envs.get("transformers"), device)
     runs = measure(plan, files, image, args.threads, hf_dtype, chosen, envs, gpu=args.gpu)
 
-    result = ratios(runs, chosen, hf_dtype)
+    result = ratios(runs, chosen, hf_dtype, "<= 0.8" if args.gpu else time_target(features))
     table = absolutes(runs, probes, chosen, hf_dtype)
     mode = ("quick" if args.quick else "full") + ("-gpu" if args.gpu else "")
     data = {

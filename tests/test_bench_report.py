@@ -53,3 +53,21 @@ def test_save_results_writes_the_json_and_the_chart(tmp_path, capsys):
     with Image.open(path.with_suffix(".png")) as chart:
         assert chart.width > 100 and chart.height > 50
     assert "| decode tok/s, package / CLI | 1.005 [0.980 - 1.030] |" in capsys.readouterr().out
+
+
+def test_first_image_targets_follow_the_cpu_class():
+    """Issue #22: encode and prefill within 0.75x of transformers' time on AVX512_BF16 CPUs (the median, so a
+    slower machine of the class stays within 0.8), within 0.8x on the AVX2 class."""
+    import first_image
+
+    assert first_image.time_target(["AMX_INT8", "AVX2", "AVX512", "AVX512_BF16"]) == "<= 0.75"
+    assert first_image.time_target(["AVX", "AVX2", "F16C", "FMA"]) == "<= 0.8"
+    run = {"encode_ms": 780.0, "prefill_ms": 780.0, "decode_tok_s": 20.0, "second_encode_ms": 780.0,
+           "second_prefill_ms": 780.0}
+    hf = {**run, "encode_ms": 1000.0, "prefill_ms": 1000.0, "decode_tok_s": 10.0, "second_encode_ms": 1000.0,
+          "second_prefill_ms": 1000.0}
+    runs = {"package": [run], "transformers": [hf], "package_other": [run]}
+    for target, verdict in (("<= 0.75", False), ("<= 0.8", True)):
+        timed = [r for r in first_image.ratios(runs, "bf16", "bfloat16", target) if "transformers" in r.name
+                 and "decode" not in r.name]
+        assert len(timed) == 4 and all(r.median == 0.78 and r.passed is verdict for r in timed)
