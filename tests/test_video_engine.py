@@ -24,8 +24,6 @@ def model_for(exact_session: Callable[..., Any]) -> Callable[[str], Model]:
     return lambda arch: exact_session(arch).model
 
 
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_frame_pairs_match_get_video_features(arch, model_for, reference_model):
     model = model_for(arch)
